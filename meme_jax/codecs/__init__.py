@@ -1,0 +1,1 @@
+"""Keypoints <-> training targets and back: one object encodes and decodes, so training and testing agree."""

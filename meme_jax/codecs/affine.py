@@ -1,0 +1,62 @@
+"""The top-down crop affine of the HRNet family (spec eeffpose 4.4 step 6 and 5.2 step 3).
+
+A person box is a centre (x, y) and a scale (s_x, s_y) in units of `pixel_std` (200) pixels. The crop maps the
+centre to the middle of the output and the (rotated) vector (0, -s_x * 200 / 2) to (0, -W_out / 2); only s_x sets the
+zoom, the height follows from the output aspect ratio.
+"""
+import numpy as np
+import cv2
+
+
+def _rotate(point, radians):
+  sn, cs = np.sin(radians), np.cos(radians)
+  return np.array([point[0] * cs - point[1] * sn, point[0] * sn + point[1] * cs], dtype=np.float32)
+
+
+def _third_point(a, b):
+  direction = a - b
+  return b + np.array([-direction[1], direction[0]], dtype=np.float32)
+
+
+def get_affine_transform(center, scale, rotation_deg, output_size, shift=(0.0, 0.0), inverse=False,
+                         pixel_std: float = 200.0) -> np.ndarray:
+  """2x3 matrix from image to crop (`output_size` = (W, H)); `inverse=True` gives crop -> image."""
+  center = np.asarray(center, dtype=np.float32)
+  scale = np.asarray(scale, dtype=np.float32)
+  if scale.ndim == 0:
+    scale = np.array([scale, scale], dtype=np.float32)
+  src_w = scale[0] * pixel_std
+  dst_w, dst_h = float(output_size[0]), float(output_size[1])
+  shift = np.asarray(shift, dtype=np.float32)
+  src_dir = _rotate(np.array([0.0, src_w * -0.5], dtype=np.float32), np.pi * rotation_deg / 180.0)
+  dst_dir = np.array([0.0, dst_w * -0.5], dtype=np.float32)
+  src = np.zeros((3, 2), dtype=np.float32)
+  dst = np.zeros((3, 2), dtype=np.float32)
+  src[0] = center + scale * pixel_std * shift
+  src[1] = center + src_dir + scale * pixel_std * shift
+  dst[0] = [dst_w * 0.5, dst_h * 0.5]
+  dst[1] = np.array([dst_w * 0.5, dst_h * 0.5], dtype=np.float32) + dst_dir
+  src[2] = _third_point(src[0], src[1])
+  dst[2] = _third_point(dst[0], dst[1])
+  if inverse:
+    return cv2.getAffineTransform(np.float32(dst), np.float32(src))
+  return cv2.getAffineTransform(np.float32(src), np.float32(dst))
+
+
+def apply_affine(points, matrix) -> np.ndarray:
+  """Applies a 2x3 affine to (..., 2) points."""
+  points = np.asarray(points, dtype=np.float64)
+  return points @ np.asarray(matrix, dtype=np.float64)[:, :2].T + np.asarray(matrix, dtype=np.float64)[:, 2]
+
+
+def box_to_center_scale(x, y, w, h, aspect_ratio: float, padding: float = 1.25, pixel_std: float = 200.0):
+  """[x, y, w, h] box -> (center, scale): fix the aspect ratio (W/H of the input), then pad (spec 4.3)."""
+  center = np.array([x + w * 0.5, y + h * 0.5], dtype=np.float32)
+  if w > aspect_ratio * h:
+    h = w * 1.0 / aspect_ratio
+  elif w < aspect_ratio * h:
+    w = h * aspect_ratio
+  scale = np.array([w * 1.0 / pixel_std, h * 1.0 / pixel_std], dtype=np.float32)
+  if center[0] != -1:
+    scale = scale * padding
+  return center, scale

@@ -1,0 +1,353 @@
+"""PyTorch checkpoints of the original models -> Flax variables (and orbax checkpoints).
+
+One mechanical rule maps every original state_dict key onto the Flax variable tree, because the Flax modules are
+named after the PyTorch module path, with numeric path components joined to the name before them:
+
+    hr_backbone.6.branches.0.1.conv_pw.weight   ->  params/hr_backbone_6/branches_0_1/conv_pw/kernel
+    stage2.0.fuse_layers.0.1.1.running_var      ->  batch_stats/stage2_0/fuse_layers_0_1_1/var
+
+Leaves: conv `weight` (O, I, kh, kw) -> `kernel` (kh, kw, I, O) (also right for depthwise convs and for
+ConvTranspose with `transpose_kernel=True`); 1-D `weight` -> BatchNorm `scale`; `running_mean/var` -> `mean/var`
+in `batch_stats`; WeightedAdd `weights` (1, C, n, 1, 1) -> (C, n); `num_batches_tracked` is dropped.
+
+Checkpoints may be bare state_dicts or dicts with a `state_dict` entry, may carry `module.` (DataParallel) or `1.`
+(the FP16 wrapper `nn.Sequential(tofp16, model, tofp32)`) prefixes and float16 tensors, and may be xz-compressed.
+Parameters shared between several module positions (the recurrent EEffNet option) appear under every position in
+the state_dict; they are recognised by their shared storage and loaded once.
+"""
+import argparse
+import io
+import lzma
+import os
+import re
+import sys
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+Path = Tuple[str, ...]
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_PREFIXES = ("module.", "1.")
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model a config builds; the message lists every offending key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading checkpoints.
+
+
+def read_torch_file(path: str) -> Mapping[str, Any]:
+  """Loads a `.pth` / `.pth.xz` file with torch on the CPU and returns what it holds."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("reading PyTorch checkpoints needs torch: pip install 'meme_jax[convert]' "
+                      "(on these machines: pip install torch==2.13.0)") from e
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  with open(path, "rb") as f:
+    raw = f.read()
+  if path.endswith(".xz") or raw[:6] == b"\xfd7zXZ\x00":
+    try:
+      raw = lzma.decompress(raw)
+    except lzma.LZMAError as e:
+      raise CheckpointMismatchError(f"{path}: not a valid xz file ({e})") from e
+  try:
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for truncated or foreign files.
+    raise CheckpointMismatchError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def state_dict_from(obj: Mapping[str, Any], source: str = "checkpoint") -> Dict[str, Any]:
+  """Unwraps `{'state_dict': ...}`-style containers and strips the `module.` / `1.` prefixes."""
+  if not isinstance(obj, Mapping):
+    raise CheckpointMismatchError(f"{source}: expected a state_dict (a mapping), got {type(obj).__name__}")
+  for key in _WRAPPER_KEYS:
+    if key in obj and isinstance(obj[key], Mapping):
+      obj = obj[key]
+      break
+  sd = dict(obj)
+  changed = True
+  while changed and sd:
+    changed = False
+    for prefix in _PREFIXES:
+      if all(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        changed = True
+  return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+def load_state_dict(path: str) -> Dict[str, Any]:
+  """Reads a checkpoint file and returns its (unwrapped, prefix-free) state_dict of torch tensors."""
+  return state_dict_from(read_torch_file(path), source=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The naming rule.
+
+
+def module_path(torch_module_path: str) -> Path:
+  """`a.3.b.0.1.c` -> ('a_3', 'b_0_1', 'c'): numeric components join the name before them."""
+  out = []
+  for part in torch_module_path.split("."):
+    if part.isdigit():
+      if not out:
+        raise ValueError(f"module path {torch_module_path!r} starts with an index")
+      out[-1] = f"{out[-1]}_{part}"
+    else:
+      out.append(part)
+  return tuple(out)
+
+
+def flax_location(key: str, ndim: int) -> Tuple[str, Path]:
+  """Maps one state_dict key to (collection, path) in the Flax variable tree."""
+  module, _, leaf = key.rpartition(".")
+  prefix = module_path(module) if module else ()
+  if leaf == "running_mean":
+    return "batch_stats", prefix + ("mean",)
+  if leaf == "running_var":
+    return "batch_stats", prefix + ("var",)
+  if leaf == "weight":
+    return "params", prefix + ("scale" if ndim == 1 else "kernel",)
+  return "params", prefix + (leaf,)
+
+
+def torch_to_flax_array(key: str, value: np.ndarray) -> np.ndarray:
+  """Layout change of one tensor: OIHW -> HWIO, (out, in) -> (in, out), WeightedAdd (1,C,n,1,1) -> (C, n)."""
+  leaf = key.rpartition(".")[2]
+  if leaf == "weights" and value.ndim == 5:
+    return value.reshape(value.shape[1], value.shape[2])
+  if leaf == "weight" and value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  if leaf == "weight" and value.ndim == 2:
+    return value.T
+  return value
+
+
+def _to_numpy(tensor) -> np.ndarray:
+  if isinstance(tensor, np.ndarray):
+    arr = tensor
+  else:
+    arr = tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
+  return np.asarray(arr, dtype=np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
+
+
+def _storage_id(tensor):
+  """Identity of the memory a tensor views; equal for parameters shared between modules."""
+  if isinstance(tensor, np.ndarray):
+    return None
+  return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Templates and matching.
+
+
+def _flatten(tree, prefix=()) -> Dict[Path, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def variable_shapes(config) -> Dict[str, Dict[Path, Tuple[int, ...]]]:
+  """Shapes of every Flax variable of the model `config` builds, without allocating them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from meme_jax import models  # pylint: disable=import-outside-toplevel
+
+  model = models.build_model(config)
+  width, height = models.input_size(config)
+  x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype), train=False))
+  return {col: {p: tuple(s.shape) for p, s in _flatten(tree).items()} for col, tree in shapes.items()}
+
+
+def _format_keys(title: str, rows) -> str:
+  rows = list(rows)
+  return f"{title} ({len(rows)}):\n" + "\n".join(f"  {r}" for r in rows) if rows else ""
+
+
+def match_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Mapping[Path, Tuple[int, ...]]],
+                     *, strict: bool = True, config_name: str = "config",
+                     source: str = "checkpoint") -> Dict[str, Dict[Path, np.ndarray]]:
+  """Places state_dict tensors at their Flax locations, checking every key and shape.
+
+  With `strict`, every template variable must be provided; without it (backbone initialisation), only keys that
+  are provided are checked. Any unexpected key, shape mismatch or (strict) missing variable raises one error that
+  lists all of them.
+  """
+  placed: Dict[str, Dict[Path, np.ndarray]] = {col: {} for col in template}
+  unexpected, wrong_shape = [], []
+  owners: Dict[Any, Tuple[str, Path]] = {}
+  deferred = []
+  for key, tensor in state_dict.items():
+    value = _to_numpy(tensor)
+    collection, path = flax_location(key, value.ndim)
+    if collection in template and path in template[collection]:
+      arr = torch_to_flax_array(key, value)
+      expected = template[collection][path]
+      if tuple(arr.shape) != tuple(expected):
+        wrong_shape.append(f"{key}: checkpoint {tuple(value.shape)} -> {tuple(arr.shape)}, "
+                           f"model {'/'.join(path)} expects {tuple(expected)}")
+        continue
+      placed[collection][path] = arr
+      sid = _storage_id(tensor)
+      if sid is not None:
+        owners[sid] = (collection, path)
+    else:
+      deferred.append((key, tensor, value, collection, path))
+  for key, tensor, value, collection, path in deferred:
+    # A key with no place of its own may alias a parameter that has one (weight sharing).
+    sid = _storage_id(tensor)
+    if sid is not None and sid in owners:
+      continue
+    unexpected.append(f"{key} {tuple(value.shape)} (would be {collection}/{'/'.join(path)})")
+  missing = []
+  if strict:
+    for collection, shapes in template.items():
+      for path, shape in shapes.items():
+        if path not in placed.get(collection, {}):
+          missing.append(f"{collection}/{'/'.join(path)} {tuple(shape)}")
+  if unexpected or wrong_shape or missing:
+    parts = [f"{source} does not fit the model built by {config_name}."]
+    parts.append(f"The checkpoint looks like: {describe_state_dict(state_dict)}.")
+    for title, rows in (("unexpected keys", unexpected), ("shape mismatches", wrong_shape),
+                        ("missing variables", missing)):
+      text = _format_keys(title, rows)
+      if text:
+        parts.append(text)
+    raise CheckpointMismatchError("\n".join(parts))
+  return placed
+
+
+def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
+  """A best guess of which model (family, variant, width, joints) a state_dict belongs to."""
+  keys = list(state_dict)
+  shape = lambda k: tuple(state_dict[k].shape)  # noqa: E731
+  n_params = sum(int(np.prod(shape(k))) for k in keys
+                 if not (k.endswith("running_mean") or k.endswith("running_var")))
+  if any(k.startswith("hr_backbone.") or k.startswith("final_layer.layers.") for k in keys):
+    backbone = "eeffnet (HRB)" if any(".branches." in k for k in keys) else "efficientnet (plain)"
+    neck = "bifpn" if any(k.startswith("fpn.cell.") for k in keys) else "tfneck"
+    head_keys = sorted(k for k in keys if re.match(r"final_layer\.layers\.\d+\.0\.weight$", k))
+    joints = shape(head_keys[0])[0] if head_keys else "?"
+    width = shape(head_keys[0])[1] if head_keys else "?"
+    scales = len(head_keys)
+    stem = [k for k in keys if k in ("hr_backbone.0.weight", "hr_backbone.conv_stem.weight")]
+    blocks = {m.group(1) for k in keys for m in [re.match(r"hr_backbone\.9\.branches\.2\.(\d+)\.", k)] if m}
+    size = {64: "P0 (EfficientNet-B0)", 112: "P2 (EfficientNet-B2)"}.get(width, f"neck width {width}")
+    if blocks and not stem:
+      size += ", no stem"
+    return (f"EEffPose, backbone {backbone}, neck {neck}, head with {scales} scales, {size}, {joints} joints, "
+            f"{n_params:,} parameters")
+  if any(k.startswith("stage4.") for k in keys):
+    c2 = [shape(k)[0] for k in keys if k == "stage2.0.branches.0.0.conv1.weight"]
+    width = f"HRNet-W{c2[0]}" if c2 else "HRNet"
+    if any(k.startswith("final_layers_ae.") for k in keys):
+      heat = [shape(k)[0] for k in keys if k == "final_layers_ae.1.weight"]
+      joints = heat[0] - 1 if heat else "?"
+      return f"DEM (double embedding), {width}, {joints} joints + centre, {n_params:,} parameters"
+    if any(k.startswith("final_layers.") for k in keys):
+      return f"HigherHRNet ({width}), {n_params:,} parameters"
+    return f"{width} backbone only (e.g. ImageNet classification weights), {n_params:,} parameters"
+  if any(k.startswith("backbone.") for k in keys):
+    return f"EfficientDet checkpoint (backbone + BiFPN + box/class nets), {n_params:,} parameters"
+  if any(k.startswith("blocks.") for k in keys) and "conv_stem.weight" in keys:
+    return f"timm EfficientNet classification checkpoint, {n_params:,} parameters"
+  return f"unrecognised layout, {len(keys)} tensors, {n_params:,} parameters"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def _config_name(config) -> str:
+  name = config.get("name", None) if hasattr(config, "get") else None
+  return f"config {name!r}" if name else "the given config"
+
+
+def variables_from_state_dict(state_dict: Mapping[str, Any], config, *, strict: bool = True,
+                              source: str = "checkpoint") -> Dict[str, Any]:
+  """Converts a state_dict (already unwrapped) into `{'params': ..., 'batch_stats': ...}` for `config`'s model."""
+  template = variable_shapes(config)
+  placed = match_state_dict(state_dict, template, strict=strict, config_name=_config_name(config), source=source)
+  return {col: _unflatten(flat) for col, flat in placed.items() if flat}
+
+
+def from_torch(checkpoint_path: str, config) -> Dict[str, Any]:
+  """Reads an original checkpoint (`.pth`, `.pth.xz`; any prefix/dtype variant) into Flax variables."""
+  state_dict = load_state_dict(checkpoint_path)
+  return variables_from_state_dict(state_dict, config, source=checkpoint_path)
+
+
+def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+  """Returns `base` with every leaf that `update` provides replaced (shapes must agree)."""
+  out = {}
+  for col, tree in base.items():
+    flat = dict(_flatten(tree))
+    for path, value in _flatten(update.get(col, {})).items():
+      if path not in flat:
+        raise KeyError(f"{col}/{'/'.join(path)} is not a variable of the model")
+      if tuple(np.shape(flat[path])) != tuple(np.shape(value)):
+        raise ValueError(f"{col}/{'/'.join(path)}: shape {np.shape(value)} != {np.shape(flat[path])}")
+      flat[path] = np.asarray(value, dtype=np.asarray(flat[path]).dtype)
+    out[col] = _unflatten(flat)
+  return out
+
+
+def save_variables(directory: str, variables: Mapping[str, Any]) -> str:
+  """Writes Flax variables as an orbax checkpoint directory (what `--config.init.checkpoint` accepts)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, variables, force=True)
+  return directory
+
+
+def load_variables(directory: str) -> Dict[str, Any]:
+  """Reads variables written by `save_variables` as numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.abspath(directory))
+  return restored
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m meme_jax.convert",
+      description="Convert an original PyTorch checkpoint (EEffPose or DEM) into an orbax checkpoint.")
+  parser.add_argument("checkpoint", help="model_best.pth, checkpoint_*.pth or .pth.xz of the original code")
+  parser.add_argument("--config", required=True, help="configs/NAME.py[:ARG] describing the model")
+  parser.add_argument("--output", required=True, help="directory to write the orbax checkpoint to")
+  args = parser.parse_args(argv)
+  from meme_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config)
+  try:
+    variables = from_torch(args.checkpoint, config)
+  except CheckpointMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  count = sum(int(np.prod(np.shape(v))) for v in _flatten(variables["params"]).values())
+  path = save_variables(args.output, variables)
+  print(f"converted {args.checkpoint} ({count:,} parameters) -> {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
