@@ -1,12 +1,17 @@
-"""MSRA Gaussian heatmaps of the HRNet family: the top-down training targets (spec eeffpose 4.4 step 8).
+"""MSRA Gaussian heatmaps of the HRNet family: the top-down training targets and their decoding (spec eeffpose 4.4
+step 8 and 5.1-5.2).
 
 `encode` produces exactly the original targets: an unnormalised Gaussian of peak 1 pasted at the integer-rounded
 joint position, size 6*sigma+1, clipped to the map; joints whose window lies wholly outside get weight 0.
-Decoding (argmax, sub-pixel refinement, flip test) lives in the same class so train and test cannot disagree.
+`decode` turns (flip-merged) heatmaps back into heatmap-pixel coordinates and confidences, and `to_image` maps those
+onto the image; the encoder and the decoder live in one object so train and test cannot disagree.
+`encode_udp` gives the targets of unbiased data processing, the training side of `post_process='udp'`.
 """
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
+
+from meme_jax.codecs import decoding
 
 
 class MSRAHeatmap:
@@ -47,3 +52,66 @@ class MSRAHeatmap:
       hy = max(0, ul[1]), min(br[1], height)
       heatmaps[hy[0]:hy[1], hx[0]:hx[1], j] = self._gaussian[gy[0]:gy[1], gx[0]:gx[1]]
     return heatmaps, weights
+
+  def encode_udp(self, joints: np.ndarray, visible: np.ndarray):
+    """UDP targets: joints (J, 2) in pixels of a crop made with `decoding.udp_warp_matrix` -> (H, W, J), (J,).
+
+    The Gaussian is centred at the exact position joint * (heatmap - 1) / (image - 1), evaluated on the
+    6*sigma+1 window around the rounded position; weights as in `encode`.
+    """
+    num_joints = joints.shape[0]
+    width, height = self.heatmap_size
+    stride = ((self.image_size[0] - 1.0) / (width - 1.0), (self.image_size[1] - 1.0) / (height - 1.0))
+    heatmaps = np.zeros((height, width, num_joints), dtype=np.float32)
+    weights = (np.asarray(visible).reshape(num_joints) > 0).astype(np.float32)
+    r = self._radius
+    xs = np.arange(width, dtype=np.float32)
+    ys = np.arange(height, dtype=np.float32)
+    for j in range(num_joints):
+      if weights[j] <= 0.5:
+        continue
+      mu = (joints[j, 0] / stride[0], joints[j, 1] / stride[1])
+      mu_x, mu_y = int(mu[0] + 0.5), int(mu[1] + 0.5)
+      if mu_x - r >= width or mu_y - r >= height or mu_x + r + 1 < 0 or mu_y + r + 1 < 0:
+        weights[j] = 0.0
+        continue
+      x0, x1 = max(0, mu_x - r), min(width, mu_x + r + 1)
+      y0, y1 = max(0, mu_y - r), min(height, mu_y + r + 1)
+      gx = np.exp(-((xs[x0:x1] - mu[0]) ** 2) / (2 * self.sigma ** 2))
+      gy = np.exp(-((ys[y0:y1] - mu[1]) ** 2) / (2 * self.sigma ** 2))
+      heatmaps[y0:y1, x0:x1, j] = gy[:, None] * gx[None, :]
+    return heatmaps, weights
+
+  # -- decoding ------------------------------------------------------------------------------------------------
+
+  def kernel_size(self, kernel_size: Optional[int] = None) -> int:
+    """The DARK/UDP modulation kernel: `kernel_size` if given, else 6*sigma - 1 (11 for sigma 2)."""
+    return decoding.optional_kernel(kernel_size, self.sigma)
+
+  def decode(self, heatmaps, post_process: str = "quarter", kernel_size: Optional[int] = None):
+    """Heatmaps (..., H, W, J) -> (coords (..., J, 2) in heatmap pixels, maxvals (..., J)).
+
+    `post_process`: 'quarter' (the original +-0.25 step), 'dark', 'udp' or 'none'. Works on numpy arrays and
+    inside `jax.jit`.
+    """
+    return decoding.decode_heatmaps(heatmaps, post_process, self.kernel_size(kernel_size))
+
+  def to_image(self, coords, center, scale, post_process: str = "quarter", pixel_std: float = 200.0) -> np.ndarray:
+    """Heatmap-pixel coords (N, J, 2) -> image pixels for boxes (center (N, 2), scale (N, 2)); float64."""
+    return decoding.heatmap_to_image(coords, center, scale, self.heatmap_size, udp=post_process == "udp",
+                                     pixel_std=pixel_std)
+
+  @staticmethod
+  def flip_back(heatmaps, flip_pairs: Sequence[Sequence[int]]):
+    """Heatmaps of the mirrored input -> the original frame (reverse W, swap the flip pairs)."""
+    return decoding.flip_back(heatmaps, flip_pairs)
+
+  @staticmethod
+  def shift(heatmaps):
+    """The original SHIFT_HEATMAP: one pixel to the right, column 0 kept."""
+    return decoding.shift_heatmap(heatmaps)
+
+  @staticmethod
+  def merge_flip(heatmaps, flipped_heatmaps, flip_pairs: Sequence[Sequence[int]], shift: bool = True):
+    """The flip test's average of the plain and the flipped-back (optionally shifted) heatmaps."""
+    return decoding.merge_flip(heatmaps, flipped_heatmaps, flip_pairs, shift)

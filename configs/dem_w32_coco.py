@@ -1,0 +1,31 @@
+"""DEM (double embedding) with HRNet-W32 on COCO keypoints, 512x512 (yaml `coco/higher_hrnet/w32_512_adam_lr1e-3.yaml`).
+
+17 joints + person centre; outputs at 128 and 256: 42 offset channels at both, 36 heatmap+tag channels at 1/4, 18
+heatmaps at 1/2; 28,768,522 parameters. Training as the original code ran it: PyTorch default init (no ImageNet
+backbone), Adam 1e-3 without weight decay, x0.1 at epochs 200 and 260, 300 epochs, batch 12, bfloat16 compute in place
+of FP16; offsets loss factor 2. Test: scales [0.5, 0.75, 1, 1.5, 2] with flip. The original repository reports no
+accuracy and releases no weights, so there is no number to reproduce; original checkpoints convert exactly
+(`python -m meme_jax.convert model_best.pth --config configs/dem_w32_coco.py --output ckpt`).
+
+Commands:
+  python -m meme_jax.main --config configs/dem_w32_coco.py --workdir workdir/dem_w32        # COCO under data/coco
+  python -m meme_jax.main --config configs/dem_w32_coco.py:synthetic --workdir workdir/dem_s # synthetic data, CPU
+
+Args (after ':'):
+  'tiny'      the shrunken backbone of shared/reference/dem_tiny_coco (708,610 parameters), 128x128 input, COCO data.
+  'synthetic' the tiny model on the built-in synthetic dataset: 8 epochs of 256 images, a few minutes on a CPU.
+"""
+import ml_collections
+
+from configs import dem_common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  dem_common.check_arg(arg, ("", "tiny", "synthetic"))
+  config = dem_common.build("dem_w32_coco", "coco", width=32, input_size=512, batch_size=12, offsets_factor=2.0,
+                            scale_factors=(0.5, 0.75, 1.0, 1.5, 2.0))
+  if arg == "tiny":
+    dem_common.tiny(config)
+  elif arg == "synthetic":
+    dem_common.synthetic(config)
+  return config

@@ -1,0 +1,183 @@
+"""Input-pipeline benchmark: training samples per second and per CPU core (JPEG decode + augmentation + targets).
+
+    python -m data_pipelines.benchmark --config configs/eeffpose_p0.py --workers 0 1 2 --output data_bench.json
+
+reads the real COCO samples of ../shared/data/samples/coco unless --annotations/--images say otherwise, runs
+`train_loader` with each worker count, and reports for each: samples/s (wall clock), the CPU seconds all of the
+pipeline's processes used (main process and workers, from /proc), and samples per CPU-second, the per-core figure
+that a busy shared machine distorts least. Nothing is trained: the batches are only pulled.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from data_pipelines import topdown
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The original PyTorch pipeline (HRNet JointsDataset + DataLoader) on one core of the 2-core CI machine type, on the
+# same sample images: the figure the speed goal is stated against.
+ORIGINAL_SAMPLES_PER_CORE = 169.0
+
+
+def default_samples_dir() -> str:
+  shared = os.environ.get("MEME_JAX_SHARED", os.path.join(os.path.dirname(REPO_ROOT), "shared"))
+  return os.path.join(shared, "data", "samples", "coco")
+
+
+def _clock_ticks() -> float:
+  return float(os.sysconf("SC_CLK_TCK"))
+
+
+def _process_cpu_seconds(pid: int) -> float:
+  """utime + stime of a process from /proc (0 if it is gone)."""
+  try:
+    with open(f"/proc/{pid}/stat", "r") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0.0
+  return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+
+
+def _descendants(pid: int) -> List[int]:
+  children: Dict[int, List[int]] = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat", "r") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    children.setdefault(ppid, []).append(int(entry))
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    for c in children.get(p, []):
+      out.append(c)
+      todo.append(c)
+  return out
+
+
+def pipeline_cpu_seconds() -> Dict[int, float]:
+  """CPU seconds used so far by this process and each of its descendants (worker processes), by pid."""
+  me = os.getpid()
+  if not os.path.exists(f"/proc/{me}/stat"):
+    return {me: time.process_time()}
+  return {pid: _process_cpu_seconds(pid) for pid in [me] + _descendants(me)}
+
+
+def machine_info() -> Dict[str, Any]:
+  model = platform.processor() or ""
+  try:
+    with open("/proc/cpuinfo", "r") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  info = dict(cpu_model=model, cpu_count=os.cpu_count(), python=platform.python_version(),
+              platform=platform.platform())
+  try:
+    info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    info["load_average_1min"] = os.getloadavg()[0]
+  except (AttributeError, OSError):
+    pass
+  import cv2
+  info["opencv"] = cv2.__version__
+  return info
+
+
+def measure_train_pipeline(config, num_workers: int, num_samples: int, *, batch_size: Optional[int] = None,
+                           warmup_batches: Optional[int] = None) -> Dict[str, Any]:
+  """Pulls `num_samples` training samples through `train_loader(config)` with `num_workers` workers (0: all in this
+  process) and returns JSON-able figures: samples_per_s (wall), cpu_seconds (all the pipeline's processes),
+  samples_per_cpu_s (per core), per_worker (samples_per_s / workers), speedup over the original's 169/s/core."""
+  batch_size = int(batch_size or config.train.batch_size)
+  records = topdown.load_records(config, "train")
+  loader = topdown.train_loader(config, seed=0, shard_index=0, shard_count=1, batch_size_per_process=batch_size,
+                                num_workers=num_workers, records=records)
+  iterator = iter(loader)
+  try:
+    # Warm-up: worker start-up and filled prefetch buffers are not part of the steady state.
+    for _ in range(warmup_batches if warmup_batches is not None else 2 + 2 * num_workers):
+      next(iterator)
+    num_batches = max(1, -(-int(num_samples) // batch_size))
+    cpu0, t0 = pipeline_cpu_seconds(), time.perf_counter()
+    for _ in range(num_batches):
+      batch = next(iterator)
+    seconds = time.perf_counter() - t0
+    cpu1 = pipeline_cpu_seconds()
+  finally:
+    iterator.close()
+  cpu = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+  main_cpu = cpu1[os.getpid()] - cpu0[os.getpid()]
+  samples = num_batches * batch_size
+  per_cpu = samples / cpu if cpu > 0 else float("nan")
+  num_images = len({r["image_file"] for r in records})
+  data = config.data
+  return dict(
+      workers=int(num_workers), worker_type=str(data.get("worker_type", "process")) if num_workers else "none",
+      samples=samples, batch_size=batch_size, seconds=seconds, samples_per_s=samples / seconds,
+      per_worker_samples_per_s=samples / seconds / max(1, num_workers), cpu_seconds=cpu,
+      samples_per_cpu_s=per_cpu, speedup_per_core_vs_original=per_cpu / ORIGINAL_SAMPLES_PER_CORE,
+      main_process_cpu_seconds=main_cpu, worker_cpu_seconds=cpu - main_cpu, cpu_utilisation=cpu / seconds, group_by_image=bool(data.get("group_by_image", True)),
+      chunk_units=int(data.get("chunk_units", 16)), records=len(records), images=num_images,
+      persons_per_image=len(records) / num_images, image_size=list(data.image_size),
+      heatmap_size=list(data.heatmap_size), batch_shapes={k: list(v.shape) for k, v in batch.items()},
+      machine=machine_info())
+
+
+def main(argv=None) -> Dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/eeffpose_p0.py")
+  parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--samples", type=int, default=1536, help="samples timed per worker count")
+  parser.add_argument("--batch_size", type=int, default=0, help="default: config.train.batch_size")
+  parser.add_argument("--annotations", default="", help="COCO-format json (default: the shared COCO samples)")
+  parser.add_argument("--images", default="", help="image folder (default: the shared COCO samples)")
+  parser.add_argument("--per_person", action="store_true",
+                      help="decode per person (data.group_by_image=False, the original's sampling order)")
+  parser.add_argument("--worker_type", choices=("process", "thread"), default="process")
+  parser.add_argument("--output", default="", help="write the figures here as JSON")
+  args = parser.parse_args(argv)
+
+  from absl import flags
+  from absl import logging
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.WARNING)
+  import meme_jax
+  config = meme_jax.load_config(args.config)
+  samples = default_samples_dir()
+  config.data.format = "coco"
+  if config.data.dataset == "synthetic":
+    config.data.dataset = "coco"
+  config.data.train_annotations = args.annotations or os.path.join(samples, "test_coco.json")
+  config.data.train_images = args.images or samples
+  config.data.group_by_image = not args.per_person
+  config.data.worker_type = args.worker_type
+  results = dict(config=args.config, annotations=config.data.train_annotations,
+                 original_samples_per_core=ORIGINAL_SAMPLES_PER_CORE, command=" ".join(sys.argv), runs=[])
+  for workers in args.workers:
+    figures = measure_train_pipeline(config, workers, args.samples, batch_size=args.batch_size or None)
+    results["runs"].append(figures)
+    print(f"workers={workers}: {figures['samples_per_s']:.0f} samples/s, {figures['samples_per_cpu_s']:.0f} "
+          f"samples/s per core ({figures['speedup_per_core_vs_original']:.2f}x the original's "
+          f"{ORIGINAL_SAMPLES_PER_CORE:.0f}), CPU {figures['cpu_utilisation']:.2f} cores", flush=True)
+  runs = {r["workers"]: r for r in results["runs"]}
+  if 1 in runs and 2 in runs:
+    results["scaling_1_to_2_workers"] = runs[2]["samples_per_s"] / runs[1]["samples_per_s"]
+    print(f"1 -> 2 workers: x{results['scaling_1_to_2_workers']:.2f} samples/s")
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,299 @@
+"""Bottom-up (DEM) training data on grain: whole images with every person, random affine + flip, DEM targets.
+
+Pipeline per sample (spec dem 2 and 5):
+1. Read the image (RGB) and build the loss mask at image size: 0 on crowd regions and on the segmentations of people
+   without keypoints (pycocotools RLE/polygons), 1 elsewhere. Annotations without a segmentation (CrowdPose, MPII)
+   mask nothing, which is the original's all-ones CrowdPose mask.
+2. People: every annotation with `iscrowd == 0` or `num_keypoints > 0`, keypoints re-ordered to the network's joint
+   order (`data.joint_order`), plus the person centre as the last point (`DEMCodec.add_centers`).
+3. Random affine: the square of side 200 * s centred at c maps onto each output square, s = (short side / 200) *
+   U[min_scale, max_scale), rotation U(-max_rotation, max_rotation) about the output centre, c = image centre +
+   integer (dx, dy) drawn from [trunc(-max_translate * s), trunc(max_translate * s)). The image is warped bilinearly
+   to the input size with a black border, the mask to each output size (thresholded at 0.5), the people to each
+   output size.
+4. Flip with probability `flip_prob`: image and masks mirrored, people re-indexed by the flip index with the centre
+   and x <- r - 1 - x at each output size.
+5. Targets from `DEMCodec.encode`; the image normalised with the ImageNet mean and std.
+
+Batches (dicts of numpy arrays, B = batch_size_per_process, S = input size, r_0, r_1 = `data.output_size`,
+K = joints + 1, C = offset channels, P = `data.max_num_people`):
+  image       (B, S, S, 3) float32, RGB, (x / 255 - mean) / std
+  heatmaps_0  (B, r_0, r_0, K) float32     heatmaps_1  (B, r_1, r_1, K) float32
+  masks_0     (B, r_0, r_0) float32        masks_1     (B, r_1, r_1) float32   (1 = pixel counts in the loss)
+  offsets_0   (B, r_0, r_0, C) float32     offsets_1   (B, r_1, r_1, C) float32
+  joints_0    (B, P, K, 2) int32: AE index lists at r_0, rows of (k * r_0^2 + y * r_0 + x, 1)
+"""
+import collections
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import cv2
+import grain
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from data_pipelines import coco as coco_lib
+from data_pipelines import images as images_lib
+from data_pipelines import mpii as mpii_lib
+from data_pipelines import records as records_lib
+from data_pipelines.records import BadRecordError, SkipReport
+from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from meme_jax.codecs.dem import DEMCodec
+
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ annotations
+
+def _reorder(keypoints: np.ndarray, joint_order: Sequence[int]) -> np.ndarray:
+  return keypoints[:, list(joint_order)] if len(joint_order) else keypoints
+
+
+def _coco_records(path: str, image_dir: str, data, report: SkipReport) -> List[Dict[str, Any]]:
+  """One record per image with at least one person annotation of any kind (the original's training set)."""
+  coco = coco_lib.load_coco(path, report)
+  category = coco_lib.person_category(coco, data)
+  joint_order = tuple(data.get("joint_order", ()) or ())
+  num_annotated = len(joint_order) if joint_order else int(data.num_joints)
+  image_dir = os.path.abspath(image_dir)
+  records = []
+  for image_id in coco.getImgIds():
+    img = coco.imgs[image_id]
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if a["category_id"] == category]
+    if not anns:
+      continue
+    where = f"{path}: image {image_id} ({img['file_name']})"
+    width, height = img.get("width"), img.get("height")
+    if not (coco_lib.finite_pos(width) and coco_lib.finite_pos(height)):
+      report.bad(f"{where}: fields 'width'/'height' missing or not positive", "malformed image entry")
+      continue
+    people, masked, bad = [], [], False
+    for ann in anns:
+      ident = f"{where}, annotation {ann['id']}"
+      crowd = bool(ann.get("iscrowd", 0))
+      kpts = ann.get("keypoints")
+      if kpts is None and not crowd:
+        report.bad(f"{ident}: field 'keypoints' is missing", "malformed annotation")
+        bad = True
+        break
+      if kpts is not None:
+        if not records_lib.finite_numbers(kpts):
+          report.bad(f"{ident}: field 'keypoints' must be a list of finite numbers", "malformed annotation")
+          bad = True
+          break
+        if len(kpts) != 3 * num_annotated:
+          report.bad(f"{ident}: field 'keypoints' has {len(kpts)} values, expected {3 * num_annotated} "
+                     f"(3 x {num_annotated} joints)", "keypoint list of the wrong length")
+          bad = True
+          break
+      num_kpts = ann.get("num_keypoints")
+      if num_kpts is None:
+        num_kpts = 0 if kpts is None else int(np.count_nonzero(np.asarray(kpts, dtype=np.float64)[2::3] > 0))
+      if crowd or num_kpts == 0:
+        if ann.get("segmentation"):
+          masked.append(ann["segmentation"])
+      if not crowd or num_kpts > 0:
+        people.append(np.asarray(kpts, dtype=np.float64).reshape(num_annotated, 3))
+    if bad:
+      continue
+    image_file = os.path.join(image_dir, img["file_name"])
+    if not os.path.isfile(image_file):
+      report.bad(f"{where}: image file {image_file} does not exist", "missing image")
+      continue
+    keypoints = _reorder(np.stack(people), joint_order) if people else np.zeros((0, int(data.num_joints), 3))
+    records.append(dict(file=image_file, image_id=image_id, height=int(height),
+                        width=int(width), keypoints=keypoints.astype(np.float32), segmentations=masked))
+  return records
+
+
+def _mpii_records(path: str, image_dir: str, data, report: SkipReport) -> List[Dict[str, Any]]:
+  """The HRNet-style MPII json (one entry per person, `data_pipelines.mpii`), grouped into one record per image."""
+  joint_order = tuple(data.get("joint_order", ()) or ())
+  num_annotated = len(joint_order) if joint_order else int(data.num_joints)
+  annotated = data.copy_and_resolve_references() if hasattr(data, "copy_and_resolve_references") else data
+  annotated.num_joints = num_annotated   # the json holds the annotation's joints; re-ordered below
+  annotated.pixel_std = annotated.get("pixel_std", 200.0)
+  by_image = collections.OrderedDict()
+  for person in mpii_lib.load_mpii_records(path, image_dir, annotated, report):
+    visible = np.asarray(person["visible"], dtype=np.float64)[:, None] > 0
+    kpts = np.concatenate([np.asarray(person["joints"], dtype=np.float64), np.ones((num_annotated, 1))], axis=1)
+    by_image.setdefault((person["image_file"], person["image_id"]), []).append(np.where(visible, kpts, 0.0))
+  # MPII states no image size: height and width are -1 (the sample reads them from the image).
+  return [dict(file=file, image_id=image_id, height=-1, width=-1,
+               keypoints=_reorder(np.stack(people), joint_order).astype(np.float32), segmentations=[])
+          for (file, image_id), people in by_image.items()]
+
+
+def load_records(config, annotations: Optional[str] = None, images: Optional[str] = None) -> List[Dict[str, Any]]:
+  """The training images of `config.data` as records: file, image_id, height, width (-1 when the annotation does
+  not say), keypoints (N, J, 3) float32 in the network's joint order (`data.joint_order`), and the segmentations
+  whose pixels the loss ignores (crowds and people without keypoints).
+
+  Bad records raise `BadRecordError` naming file, record and field, or are skipped and counted when
+  `data.skip_bad_records` is set.
+  """
+  data = config.data
+  annotations = annotations or data.train_annotations
+  images = images or data.train_images
+  report = SkipReport(f"{annotations} (bottom-up train)", records_lib.skip_bad_records(data))
+  if data.get("format", "coco") == "mpii":
+    records = _mpii_records(annotations, images, data, report)
+  else:
+    records = _coco_records(annotations, images, data, report)
+  report.log()
+  if not records:
+    raise BadRecordError(f"{annotations}: no image has a person annotation")
+  return records
+
+
+def annotation_mask(segmentations: Sequence[Any], height: int, width: int, where: str = "") -> np.ndarray:
+  """(H, W) float32: 1 where no given segmentation (polygon list or RLE, pycocotools) covers the pixel, else 0.
+  `where` names the record in error messages."""
+  covered = np.zeros((height, width), dtype=np.float32)
+  for seg in segmentations:
+    if isinstance(seg, list):                      # polygons
+      rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):   # uncompressed RLE
+      rle = mask_utils.frPyObjects(seg, height, width)
+    elif isinstance(seg, dict):                    # compressed RLE
+      rle = dict(seg)
+      if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    else:
+      raise BadRecordError(f"{where}: field 'segmentation' of type {type(seg).__name__} is neither polygons nor RLE")
+    decoded = mask_utils.decode(rle)
+    if decoded.shape != (height, width):
+      raise BadRecordError(f"{where}: field 'segmentation' is an RLE of size {decoded.shape}, the image is "
+                           f"({height}, {width})")
+    covered += decoded
+  return (covered < 0.5).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+def affine_matrix(center, scale: float, resolution: int, rotation_deg: float = 0.0) -> np.ndarray:
+  """2x3 matrix mapping the square of side 200 * scale centred at `center` onto a resolution x resolution map,
+  rotated by `rotation_deg` (counter-clockwise in the image as seen, i.e. the original's -rot) about the map centre."""
+  side = 200.0 * scale
+  r = float(resolution)
+  m = np.array([[r / side, 0.0, r * (0.5 - center[0] / side)],
+                [0.0, r / side, r * (0.5 - center[1] / side)],
+                [0.0, 0.0, 1.0]])
+  if rotation_deg != 0:
+    a = -rotation_deg * np.pi / 180.0
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    to_origin = np.array([[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2], [0.0, 0.0, 1.0]])
+    back = np.array([[1.0, 0.0, r / 2], [0.0, 1.0, r / 2], [0.0, 0.0, 1.0]])
+    m = back @ rot @ to_origin @ m
+  return m[:2]
+
+
+def sample_affine(rng: np.random.Generator, height: int, width: int, data) -> Dict[str, Any]:
+  """Draws (center, scale, rotation) of the random affine (spec 5)."""
+  scale_type = data.get("scale_type", "short")
+  if scale_type == "short":
+    scale = min(height, width) / 200.0
+  elif scale_type == "long":
+    scale = max(height, width) / 200.0
+  else:
+    raise ValueError(f"config.data.scale_type {scale_type!r} is neither 'short' nor 'long'")
+  scale *= rng.uniform(float(data.min_scale), float(data.max_scale))
+  rotation = rng.uniform(-1.0, 1.0) * float(data.max_rotation)
+  center = np.array([width / 2.0, height / 2.0])
+  max_translate = float(data.get("max_translate", 0))
+  if max_translate > 0:
+    low, high = int(-max_translate * scale), int(max_translate * scale)
+    if high > low:
+      center += rng.integers(low, high, size=2)
+  return dict(center=center, scale=scale, rotation=rotation)
+
+
+def transform_people(people: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+  """Applies a 2x3 affine to the (x, y) of (N, K, 3) people (all points, labelled or not)."""
+  out = np.array(people, dtype=np.float64, copy=True)
+  out[..., :2] = out[..., :2] @ matrix[:, :2].T + matrix[:, 2]
+  return out
+
+
+class BottomUpSample(grain.transforms.RandomMap):
+  """record -> one training sample (dict of numpy arrays, keys as the module docstring), for `random_map`."""
+
+  def __init__(self, config, codec: Optional[DEMCodec] = None, augment: bool = True):
+    self.data = config.data
+    self.codec = codec or DEMCodec.from_config(config)
+    self.augment = augment
+
+  def random_map(self, record: Dict[str, Any], rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    codec, data = self.codec, self.data
+    image = images_lib.read_image(record["file"], expected_size=(record["width"], record["height"]),
+                                  context=f" (image_id {record['image_id']})")
+    height, width = image.shape[:2]
+    mask = annotation_mask(record["segmentations"], height, width,
+                           where=f"{record['file']} (image_id {record['image_id']})")
+    people = codec.add_centers(record["keypoints"])
+    if self.augment:
+      aff = sample_affine(rng, height, width, data)
+      flip = rng.uniform() < float(data.get("flip_prob", 0.5))
+    else:   # the whole image, short side filling the square, centred
+      aff = dict(center=np.array([width / 2.0, height / 2.0]), scale=min(height, width) / 200.0, rotation=0.0)
+      flip = False
+    size = codec.input_size
+    m_in = affine_matrix(aff["center"], aff["scale"], size, aff["rotation"])
+    warped = cv2.warpAffine(image, m_in, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    if flip:
+      warped = warped[:, ::-1]
+    sample = {"image": ((warped.astype(np.float32) / 255.0 - _MEAN) / _STD).astype(np.float32)}
+    people_per_resolution = []
+    mask_u8 = (mask * 255).astype(np.uint8)
+    for i, r in enumerate(codec.output_sizes):
+      m_out = affine_matrix(aff["center"], aff["scale"], r, aff["rotation"])
+      m = cv2.warpAffine(mask_u8, m_out, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) / 255.0
+      m = (m > 0.5).astype(np.float32)
+      p = transform_people(people, m_out)
+      if flip:
+        m = m[:, ::-1]
+        p = codec.flip_people(p, r)
+      sample[f"masks_{i}"] = np.ascontiguousarray(m)
+      people_per_resolution.append(p)
+    targets = codec.encode(people_per_resolution)
+    for i in range(len(codec.output_sizes)):
+      sample[f"heatmaps_{i}"] = targets[f"heatmaps_{i}"]
+      sample[f"offsets_{i}"] = targets[f"offsets_{i}"]
+    sample["joints_0"] = targets["joints_0"]
+    sample["image"] = np.ascontiguousarray(sample["image"])
+    return sample
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+def bottomup_dataset(config, records: Optional[List[Dict[str, Any]]] = None, *, seed: int = 0,
+                     shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
+  """Infinite, shuffled (reshuffled every epoch), augmented MapDataset of single samples for one shard."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
+  records = records if records is not None else load_records(config)
+  ds = grain.MapDataset.source(records)[shard_index::shard_count]
+  if len(ds) == 0:
+    raise ValueError(f"shard {shard_index} of {shard_count} has no images ({len(records)} in all)")
+  return ds.shuffle(seed=seed).repeat(None).random_map(BottomUpSample(config), seed=seed + 1)
+
+
+def bottomup_train_loader(config, *, seed: int, shard_index: int, shard_count: int, batch_size_per_process: int,
+                          num_workers: int, records: Optional[List[Dict[str, Any]]] = None):
+  """Iterator of training batches (dicts, keys in the module docstring) for this process, endless over epochs.
+
+  The iterator has `get_state()` / `set_state()` so a checkpoint can store it and resume exactly. Each process reads
+  the images `shard_index::shard_count`; `num_workers` > 0 decodes and augments in that many worker processes.
+  """
+  ds = bottomup_dataset(config, records, seed=seed, shard_index=shard_index, shard_count=shard_count)
+  batch = int(batch_size_per_process)
+  # Threads decode and augment single samples ahead (cv2 releases the GIL); batches are formed afterwards so the
+  # read-ahead buffer holds samples, not whole batches of 1/2-resolution offset maps.
+  threads = max(1, int(config.data.get("read_threads", 4)))
+  prefetch = max(1, int(config.data.get("prefetch", 2)))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch * batch)))
+  it = it.batch(batch, drop_remainder=True)
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=prefetch))
+  return iter(it)

@@ -1,0 +1,466 @@
+"""DEM bottom-up inference: multi-scale and flip test, aggregation, grouping, back to image pixels
+(spec dem 4.1-4.3 and 4.6).
+
+Per image (RGB uint8, any size):
+1. For each scale s of `config.test.scale_factors` (descending), the image is scaled uniformly so that its short side
+   is 512 s (input_size s; the long side padded to a multiple of 64 at the smallest scale), centred, black border
+   (`multi_scale_size`, `resize_align`).
+2. One jitted call per scale (`BottomUp._scale_maps`) runs the network on the image and its mirror (a batch of two),
+   brings the 1/4-res outputs to 1/2 res, takes heatmaps from the 1/2-res head (optionally averaged with the 1/4-res
+   heatmaps), tags from the 1/4-res head and offsets as the mean of both heads, undoes the mirror (channel
+   permutations, dx sign), projects everything to the base size (the input size at scale 1.0) and de-normalises the
+   offsets to base-map pixels.
+3. Heatmaps and offsets are averaged over scales; tags come from the scale closest to 1.0, as (tag, mirror tag).
+4. `meme_jax.grouping.group` assembles persons; coordinates go back to the image through the inverse resize affine.
+
+Fixed against the original (spec dem 8, `config.test` switches in parentheses):
+- I4 (`offset_denorm`): training normalises offsets by sqrt(2) * input_size input pixels. At scale s a displacement
+  of d base-map pixels is s * d input pixels, so each scale's offsets are multiplied by sqrt(2) * input_size / s
+  ('scale_aware', default). The original multiplied the scale-averaged offsets by the diagonal of the base map,
+  sqrt(H_b^2 + W_b^2), which is exact only for a square image at scale 1 alone ('original').
+- I10: tags come from the scale closest to 1.0; the original required 1.0 among the scales.
+- I11: without flip test the tag is repeated (so TAG_THRESHOLD keeps its meaning) and offsets are used as they are;
+  the original crashed.
+- I3 (`average_quarter_heatmaps`, default False = the original): average the trained 1/4-res heatmaps in.
+
+`upper_bound_predictions` runs steps 2-4 on ideal network outputs rendered from ground-truth people with the training
+codec: the accuracy the decoding allows when the network is perfect (used by scripts/codec_upper_bound.py).
+`time_postprocess` / `python -m meme_jax.bottomup --benchmark` measure grouping time against network time.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meme_jax import grouping
+from meme_jax.codecs.affine import apply_affine, get_affine_transform
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+OFFSET_DENORM = ("scale_aware", "original")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options.
+
+
+@dataclasses.dataclass(frozen=True)
+class TestOptions:
+  """The multi-scale test settings (`config.test`, spec dem 4.1-4.3, 4.8)."""
+  input_size: int = 512                     # DATASET.INPUT_SIZE: short side at scale 1.0
+  scale_factors: Tuple[float, ...] = (1.0,)
+  flip_test: bool = True
+  offset_norm: float = math.sqrt(2.0) * 512  # training normaliser of offsets, in input pixels (codec Z * stride)
+  offset_denorm: str = "scale_aware"        # 'scale_aware' (I4 fixed) | 'original'
+  average_quarter_heatmaps: bool = False    # I3: average the 1/4-res heatmaps with the 1/2-res ones
+
+  def __post_init__(self):
+    if self.offset_denorm not in OFFSET_DENORM:
+      raise ValueError(f"offset_denorm={self.offset_denorm!r}: expected one of {OFFSET_DENORM}")
+    if not self.scale_factors or any(s <= 0 for s in self.scale_factors):
+      raise ValueError(f"scale_factors={self.scale_factors}: expected positive scales")
+
+  @classmethod
+  def from_config(cls, config) -> "TestOptions":
+    from meme_jax.codecs.dem import DEMCodec  # pylint: disable=import-outside-toplevel
+    test = config.test
+    size = config.data.image_size
+    input_size = int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+    scales = test.get("scale_factors", test.get("scale_factor", (1.0,)))
+    if isinstance(scales, str):
+      raise ValueError(f"config.test.scale_factors={scales!r} is a string (the original yamls' full-width commas, "
+                       "spec dem I12): give a tuple of floats")
+    if not bool(test.get("project2image", True)):
+      raise ValueError("config.test.project2image=False is not supported: maps are always projected to the base "
+                       "size (the original's setting, spec dem 4.2)")
+    # The codec stores offsets / (sqrt(2) r) on r x r maps, i.e. / (sqrt(2) input_size) in input pixels.
+    codec_norm = DEMCodec.from_config(config).offset_norm(input_size)
+    return cls(input_size=input_size, scale_factors=tuple(float(s) for s in scales),
+               flip_test=bool(test.get("flip_test", True)), offset_norm=float(codec_norm),
+               offset_denorm=str(test.get("offset_denorm", "scale_aware")),
+               average_quarter_heatmaps=bool(test.get("average_quarter_heatmaps", False)))
+
+  @property
+  def tag_scale(self) -> float:
+    """The scale whose tags are used: 1.0 if tested, else the closest to it (I10)."""
+    return min(sorted(self.scale_factors, reverse=True), key=lambda s: abs(math.log(s)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test-time resizing (spec dem 4.1).
+
+
+def multi_scale_size(height: int, width: int, input_size: int, scale: float, min_scale: float):
+  """(size (w, h) of the network input at `scale`, centre (2,), scale (2,) in units of 200 px) as the original's
+  `get_multi_scale_size`: short side input_size * scale, long side a multiple of 64 at `min_scale`."""
+  center = np.array([int(width / 2.0 + 0.5), int(height / 2.0 + 0.5)])
+  min_input_size = int((min_scale * input_size + 63) // 64 * 64)
+  if width < height:
+    w_resized = int(min_input_size * scale / min_scale)
+    h_resized = int(int((min_input_size / width * height + 63) // 64 * 64) * scale / min_scale)
+    scale_w = width / 200.0
+    scale_h = h_resized / w_resized * width / 200.0
+  else:
+    h_resized = int(min_input_size * scale / min_scale)
+    w_resized = int(int((min_input_size / height * width + 63) // 64 * 64) * scale / min_scale)
+    scale_h = height / 200.0
+    scale_w = w_resized / h_resized * height / 200.0
+  return (w_resized, h_resized), center, np.array([scale_w, scale_h])
+
+
+def resize_align(image: np.ndarray, input_size: int, scale: float, min_scale: float):
+  """The image warped to the network input of `scale` (bilinear, black border); returns (image, centre, scale)."""
+  size, center, scale_wh = multi_scale_size(image.shape[0], image.shape[1], input_size, scale, min_scale)
+  matrix = get_affine_transform(center, scale_wh, 0, size)
+  return cv2.warpAffine(image, matrix, size), center, scale_wh
+
+
+def back_project(xy: np.ndarray, center, scale_wh, base_size) -> np.ndarray:
+  """Base-map pixels (..., 2) -> original image pixels (inverse of the scale-1.0 resize)."""
+  matrix = get_affine_transform(center, scale_wh, 0, base_size, inverse=True)
+  return apply_affine(xy, matrix)
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+  """RGB uint8 (H, W, 3) -> float32 (x / 255 - ImageNet mean) / std."""
+  return ((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-scale maps and aggregation (spec dem 4.2-4.3).
+
+
+def _resize(x, height: int, width: int):
+  """Bilinear, align_corners=False, no antialiasing (torch interpolate), NHWC."""
+  if x.shape[1] == height and x.shape[2] == width:
+    return x
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear", antialias=False)
+
+
+def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGroups, *, flip: bool,
+                    average_quarter: bool, offset_factor):
+  """The network's four maps for an image (batch row 0) and, with `flip`, its mirror (row 1) -> heatmaps
+  (H_b, W_b, K), tags (H_b, W_b, K, 2), offsets (H_b, W_b, N_off) times `offset_factor`, at the base size."""
+  off_q, off_h, ae_q, hm_h = outputs
+  k = groups.num_points
+  height, width = hm_h.shape[1:3]
+  ae = _resize(ae_q, height, width)
+  heat = hm_h[..., :k]
+  if average_quarter:
+    heat = (heat + ae[..., :k]) / 2.0
+  tags = ae[..., k:2 * k]
+  offsets = (_resize(off_q, height, width) + off_h) / 2.0
+  heat, tags, offsets = (_resize(x, *base_hw) for x in (heat, tags, offsets))
+  if flip:
+    perm = groups.flip_permutation()
+    heat = (heat[0] + heat[1, :, ::-1][..., perm]) / 2.0
+    tags = jnp.stack([tags[0], tags[1, :, ::-1][..., perm]], axis=-1)
+    mirrored = offsets[1, :, ::-1][..., groups.offset_flip_permutation()]
+    mirrored = jnp.where(jnp.asarray(groups.offset_x_channels()), -mirrored, mirrored)
+    offsets = (offsets[0] + mirrored) / 2.0
+  else:
+    heat, tags, offsets = heat[0], jnp.stack([tags[0], tags[0]], axis=-1), offsets[0]
+  return heat, tags, offsets * offset_factor
+
+
+class Maps(NamedTuple):
+  """Aggregated maps of one image at the base size, plus what back-projection needs."""
+  heatmaps: Any          # (H_b, W_b, K)
+  tags: Any              # (H_b, W_b, K, 2)
+  offsets: Any           # (H_b, W_b, N_off), base-map pixels
+  center: np.ndarray     # (2,) resize centre, image pixels
+  scale: np.ndarray      # (2,) resize scale, units of 200 px
+  base_size: Tuple[int, int]   # (W_b, H_b)
+
+
+class Prediction(NamedTuple):
+  """Persons of one image: keypoints (P, J, 3) image pixels (x, y, score), scores (P,), and the grouped persons in
+  base-map pixels (P, J, 5)."""
+  keypoints: np.ndarray
+  scores: np.ndarray
+  grouped: grouping.Grouped
+
+
+def offset_factor(options: TestOptions, scale: float, base_size: Tuple[int, int]) -> float:
+  """Normalised offsets at `scale` -> base-map pixels (see the module docstring, I4)."""
+  if options.offset_denorm == "original":
+    return math.hypot(base_size[0], base_size[1])
+  return options.offset_norm / scale
+
+
+def aggregate(per_scale: Sequence[Tuple[float, Any, Any, Any]], tag_scale: float):
+  """[(scale, heatmaps, tags, offsets)] -> the scale-mean heatmaps and offsets and the tags of `tag_scale`."""
+  n = len(per_scale)
+  heat = sum(h for _, h, _, _ in per_scale) / n
+  offsets = sum(o for _, _, _, o in per_scale) / n
+  tags = [t for s, _, t, _ in per_scale if s == tag_scale][0]
+  return heat, tags, offsets
+
+
+def predict_from_maps(maps: Maps, groups: grouping.JointGroups, params: grouping.GroupingParams) -> Prediction:
+  """Grouping and back-projection of aggregated maps."""
+  grouped = grouping.group(maps.heatmaps, maps.tags, maps.offsets, groups, params)
+  keypoints = np.zeros(grouped.joints.shape[:2] + (3,))
+  if len(grouped.joints):
+    keypoints[..., :2] = back_project(grouped.joints[..., :2], maps.center, maps.scale, maps.base_size)
+    keypoints[..., 2] = grouped.joints[..., 2]
+  return Prediction(keypoints, grouped.scores, grouped)
+
+
+class BottomUp:
+  """Multi-scale flip-test inference of a DEM network on whole images.
+
+    bottomup = BottomUp(config, model.apply, variables)
+    prediction = bottomup(image_rgb)        # keypoints (P, J, 3) in image pixels, scores (P,)
+
+  `apply_fn(variables, images)` returns the DEM's four NHWC maps (as `meme_jax.predict.build_apply_fn` makes it:
+  `model.apply(variables, images, train=False)`).
+  """
+
+  def __init__(self, config, apply_fn: Callable, variables, *, groups: Optional[grouping.JointGroups] = None,
+               params: Optional[grouping.GroupingParams] = None, options: Optional[TestOptions] = None):
+    self.groups = groups or grouping.JointGroups.from_config(config)
+    self.params = params or grouping.GroupingParams.from_config(config)
+    self.options = options or TestOptions.from_config(config)
+    self.variables = variables
+    self._apply_fn = apply_fn
+    self._scale_fn = jax.jit(self._scale_maps, static_argnames=("base_hw",))
+    self._combine_fn = jax.jit(self._combine, static_argnames=("base_hw",))
+
+  def _network(self, variables, image):
+    batch = image[None]
+    if self.options.flip_test:
+      batch = jnp.concatenate([batch, batch[:, :, ::-1]], axis=0)
+    return self._apply_fn(variables, batch)
+
+  def _combine(self, outputs, factor, *, base_hw):
+    return combine_outputs(outputs, base_hw, self.groups, flip=self.options.flip_test,
+                           average_quarter=self.options.average_quarter_heatmaps, offset_factor=factor)
+
+  def _scale_maps(self, variables, image, factor, *, base_hw):
+    return self._combine(self._network(variables, image), factor, base_hw=base_hw)
+
+  def scale_inputs(self, image: np.ndarray):
+    """[(scale, normalised input (h, w, 3))] in the original's (descending) order, and (base size, centre, scale)."""
+    min_scale = min(self.options.scale_factors)
+    base_size, center, scale_wh = multi_scale_size(image.shape[0], image.shape[1], self.options.input_size, 1.0,
+                                                   min_scale)
+    inputs = []
+    for s in sorted(self.options.scale_factors, reverse=True):
+      resized, _, _ = resize_align(image, self.options.input_size, s, min_scale)
+      inputs.append((s, normalize_image(resized)))
+    return inputs, (base_size, center, scale_wh)
+
+  def maps(self, image: np.ndarray) -> Maps:
+    """Aggregated maps of one RGB uint8 image (H, W, 3)."""
+    image = _check_image(image)
+    inputs, (base_size, center, scale_wh) = self.scale_inputs(image)
+    base_hw = (base_size[1], base_size[0])
+    per_scale = []
+    for s, x in inputs:
+      factor = offset_factor(self.options, s, base_size)
+      per_scale.append((s, *self._scale_fn(self.variables, jnp.asarray(x), jnp.float32(factor), base_hw=base_hw)))
+    heat, tags, offsets = aggregate(per_scale, self.options.tag_scale)
+    return Maps(heat, tags, offsets, center, scale_wh, base_size)
+
+  def maps_from_outputs(self, outputs_per_scale: Sequence[Tuple[float, Any]], image_hw: Tuple[int, int]) -> Maps:
+    """Aggregated maps from given network outputs [(scale, four NHWC maps, batch 1 or 2 with the mirror)] of an
+    image of size `image_hw`: the same path as `maps` without the network (ideal outputs, cached outputs)."""
+    min_scale = min(self.options.scale_factors)
+    base_size, center, scale_wh = multi_scale_size(image_hw[0], image_hw[1], self.options.input_size, 1.0,
+                                                   min_scale)
+    base_hw = (base_size[1], base_size[0])
+    per_scale = []
+    for s, outputs in outputs_per_scale:
+      factor = offset_factor(self.options, s, base_size)
+      outputs = tuple(jnp.asarray(o, jnp.float32) for o in outputs)
+      per_scale.append((s, *self._combine_fn(outputs, jnp.float32(factor), base_hw=base_hw)))
+    heat, tags, offsets = aggregate(per_scale, self.options.tag_scale)
+    return Maps(heat, tags, offsets, center, scale_wh, base_size)
+
+  def __call__(self, image: np.ndarray) -> Prediction:
+    return predict_from_maps(self.maps(image), self.groups, self.params)
+
+
+def _check_image(image) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
+  return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ideal outputs and the upper bound.
+
+
+def ideal_outputs(codec, people: np.ndarray, input_hw: Tuple[int, int], person_tags: Sequence[float], *,
+                  flip: bool = False, input_size: int):
+  """What a perfect network would output for people (N, K, 3) in network-input pixels of an input of size
+  `input_hw` (any aspect): the training targets of the codec rendered at 1/4 and 1/2 of the input, with tag maps
+  holding `person_tags`. With `flip`, the outputs for the mirrored input (people mirrored at each resolution and
+  re-indexed, as the training flip). Offsets are in the network's normalisation (/ (sqrt(2) input_size) input px).
+  Returns the four maps NHWC with batch 1."""
+  height, width = input_hw
+  if height % 4 or width % 4:
+    raise ValueError(f"input size {input_hw} must be divisible by 4")
+  side = max(height, width)
+  outputs = {}
+  for stride in (4, 2):
+    r = side // stride
+    h, w = height // stride, width // stride
+    p = np.array(people, np.float64, copy=True)
+    p[..., :2] /= stride
+    if flip:
+      p = p[:, codec.flip_index]
+      p[..., 0] = w - 1 - p[..., 0]
+    # Rendered on an r x r canvas (the codec's square maps) and cropped; the offsets re-normalised from the canvas
+    # diagonal to the network's sqrt(2) * input_size.
+    heat = codec.heatmaps(p, r)[:h, :w]
+    offsets = codec.offsets(p, r)[:h, :w] * (codec.offset_norm(r) * stride / codec.offset_norm(input_size))
+    tags = codec.tag_maps(p, r, person_tags)[:h, :w]
+    outputs[stride] = (heat, offsets, tags)
+  quarter = np.concatenate([outputs[4][0], outputs[4][2]], axis=-1)
+  return (outputs[4][1][None], outputs[2][1][None], quarter[None], outputs[2][0][None])
+
+
+def people_to_input(keypoints: np.ndarray, center, scale_wh, size) -> np.ndarray:
+  """(N, J, 3) image keypoints -> network-input pixels of the resize (center, scale, size); v kept."""
+  out = np.array(keypoints, np.float64, copy=True)
+  out[..., :2] = apply_affine(out[..., :2], get_affine_transform(center, scale_wh, 0, size))
+  return out
+
+
+def upper_bound_predictions(config, records: Sequence[Dict[str, Any]], *, flip: Optional[bool] = None,
+                            params: Optional[grouping.GroupingParams] = None) -> List[Dict[str, Any]]:
+  """GT people -> ideal network outputs at scale 1.0 (and the mirror with flip test) -> the full bottom-up
+  post-processing (combine, aggregate, group, back-project). `records`: dicts with 'image_id', 'height', 'width',
+  'keypoints' (N, J, 3) in the network's joint order (as `data_pipelines.bottomup.load_records`). Returns one dict per
+  image: image_id, keypoints (P, J, 3), scores (P,)."""
+  from meme_jax.codecs.dem import DEMCodec  # pylint: disable=import-outside-toplevel
+  codec = DEMCodec.from_config(config)
+  options = dataclasses.replace(TestOptions.from_config(config), scale_factors=(1.0,))
+  if flip is not None:
+    options = dataclasses.replace(options, flip_test=bool(flip))
+  runner = BottomUp(config, None, None, params=params, options=options)
+  results = []
+  for record in records:
+    height, width = int(record["height"]), int(record["width"])
+    size, center, scale_wh = multi_scale_size(height, width, options.input_size, 1.0, 1.0)
+    keypoints = np.asarray(record["keypoints"], np.float64).reshape(-1, codec.num_joints, 3)
+    people = codec.add_centers(people_to_input(keypoints, center, scale_wh, size))
+    people = people[people[:, -1, 2] > 0]
+    tags = 1.0 + 3.0 * np.arange(len(people))
+    outputs = ideal_outputs(codec, people, (size[1], size[0]), tags, input_size=options.input_size)
+    if options.flip_test:
+      mirrored = ideal_outputs(codec, people, (size[1], size[0]), tags, flip=True, input_size=options.input_size)
+      outputs = tuple(np.concatenate(pair, axis=0) for pair in zip(outputs, mirrored))
+    maps = runner.maps_from_outputs([(1.0, outputs)], (height, width))
+    prediction = predict_from_maps(maps, runner.groups, runner.params)
+    results.append(dict(image_id=record["image_id"], keypoints=prediction.keypoints, scores=prediction.scores))
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic crowded scenes: ground truth for tests and benchmarks of the grouping.
+
+
+def random_pose(rng: np.random.Generator, dataset: str = "coco") -> np.ndarray:
+  """A random standing / gesturing person, (J, 2) in units of its height, origin at the mid-hip, y down, in the
+  dataset's joint order ('coco' 17 joints or 'crowdpose' 14). The person's left side is +x, or -x when it faces
+  away from the camera."""
+  def limb(start, angle, length):
+    return start + length * np.array([np.sin(angle), np.cos(angle)])
+
+  lean = rng.uniform(-0.15, 0.15)
+  neck = limb(np.zeros(2), np.pi + lean, 0.30)
+  sho = {+1: neck + [0.11, 0.0], -1: neck + [-0.11, 0.0]}
+  hip = {+1: np.array([0.075, 0.0]), -1: np.array([-0.075, 0.0])}
+  elbow, wrist, knee, ankle = {}, {}, {}, {}
+  for side in (+1, -1):
+    upper = side * rng.uniform(-0.3, 2.6)
+    elbow[side] = limb(sho[side], upper, 0.17)
+    wrist[side] = limb(elbow[side], upper + side * rng.uniform(-1.2, 1.5), 0.15)
+    thigh = side * rng.uniform(-0.2, 0.45)
+    knee[side] = limb(hip[side], thigh, 0.24)
+    ankle[side] = limb(knee[side], thigh + rng.uniform(-0.5, 0.5), 0.23)
+  nose = limb(neck, np.pi + lean + rng.uniform(-0.3, 0.3), 0.11)
+  if dataset == "coco":
+    pose = [nose, nose + [0.025, -0.02], nose + [-0.025, -0.02], nose + [0.055, -0.005], nose + [-0.055, -0.005],
+            sho[1], sho[-1], elbow[1], elbow[-1], wrist[1], wrist[-1], hip[1], hip[-1], knee[1], knee[-1],
+            ankle[1], ankle[-1]]
+  elif dataset == "crowdpose":
+    pose = [sho[1], sho[-1], elbow[1], elbow[-1], wrist[1], wrist[-1], hip[1], hip[-1], knee[1], knee[-1],
+            ankle[1], ankle[-1], limb(nose, np.pi + lean, 0.07), neck]
+  else:
+    raise ValueError(f"random_pose: dataset {dataset!r} is not 'coco' or 'crowdpose'")
+  pose = np.array(pose)
+  angle = rng.uniform(-0.25, 0.25)
+  rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  pose = pose @ rotation.T
+  if rng.random() < 0.5:
+    pose[:, 0] = -pose[:, 0]
+  return pose
+
+
+def synthetic_scene(rng: np.random.Generator, num_people: int, image_hw: Tuple[int, int], *, dataset: str = "coco",
+                    height_range: Tuple[float, float] = (140.0, 320.0), min_joint_distance: float = 28.0,
+                    min_center_distance: float = 28.0, drop_prob: float = 0.1, max_tries: int = 4000) -> np.ndarray:
+  """Up to `num_people` random people (N, J, 3) in image pixels, heavily overlapping (boxes are not constrained),
+  with joints of the same type at least `min_joint_distance` apart across people and person centres at least
+  `min_center_distance` apart. Each joint is unlabelled (0, 0, 0) with probability `drop_prob`."""
+  height, width = image_hw
+  people: List[np.ndarray] = []
+  for _ in range(max_tries):
+    if len(people) == num_people:
+      break
+    pose = random_pose(rng, dataset) * rng.uniform(*height_range)
+    low, high = pose.min(axis=0), pose.max(axis=0)
+    if np.any(high - low > [width - 8, height - 8]):
+      continue
+    origin = rng.uniform(4 - low, [width - 4, height - 4] - high)
+    pose = pose + origin
+    if people:
+      others = np.stack(people)
+      if np.min(np.linalg.norm(others - pose[None], axis=-1)) < min_joint_distance:
+        continue
+      if np.min(np.linalg.norm(others.mean(axis=1) - pose.mean(axis=0), axis=-1)) < min_center_distance:
+        continue
+    people.append(pose)
+  keypoints = np.zeros((len(people), people[0].shape[0] if people else 0, 3))
+  for n, pose in enumerate(people):
+    visible = rng.random(len(pose)) >= drop_prob
+    visible[rng.integers(len(pose))] = True
+    keypoints[n, visible, :2] = pose[visible]
+    keypoints[n, visible, 2] = 2
+  return keypoints
+
+
+def coco_ground_truth(keypoints_per_image: Sequence[np.ndarray], image_hws: Sequence[Tuple[int, int]],
+                      joint_names: Sequence[str], crowd_index: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+  """A COCO keypoint annotation dict for synthetic people (image ids 1..n; area = 0.53 of the joints' box padded by
+  10 %, the CrowdPose convention for boxes without segmentations)."""
+  images, annotations = [], []
+  for i, (people, (height, width)) in enumerate(zip(keypoints_per_image, image_hws)):
+    image = dict(id=i + 1, file_name=f"synthetic_{i + 1:06d}.jpg", height=int(height), width=int(width))
+    if crowd_index is not None:
+      image["crowdIndex"] = float(crowd_index[i])
+    images.append(image)
+    for person in people:
+      labelled = person[:, 2] > 0
+      low, high = person[labelled, :2].min(axis=0), person[labelled, :2].max(axis=0)
+      pad = 0.05 * (high - low)
+      box = [float(v) for v in np.concatenate([low - pad, high - low + 2 * pad])]
+      annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=1, iscrowd=0, bbox=box,
+                              area=0.53 * box[2] * box[3], num_keypoints=int(labelled.sum()),
+                              keypoints=[float(v) for v in person.reshape(-1)]))
+  return dict(images=images, annotations=annotations,
+              categories=[dict(id=1, name="person", supercategory="person", keypoints=list(joint_names),
+                               skeleton=[])])

@@ -1,0 +1,373 @@
+"""Double-embedding (DEM) training targets: people -> heatmaps, Local-Embedding offsets and AE index lists.
+
+One `DEMCodec` holds every fact the targets depend on (joint groups, parents, flip index, map sizes, sigma, the
+offset window), so the data pipeline, the loss, the grouping code and its tests share one definition
+(spec dem.md sections 2 and 5).
+
+People are arrays `(N, K, 3)` of (x, y, v) in the pixel frame of one output resolution r (square r x r maps), with
+K = J + 1: the dataset's J joints and the person centre as the last point. The maps are NHWC like the model's outputs:
+heatmaps `(r, r, K)`, offsets `(r, r, num_offset_channels)`.
+
+Targets follow the original generators except for three defects (spec 8), each fixed by default:
+- T5: in the hierarchical and centre channels of limb joints the original overwrote overlapping windows but still
+  counted them, so an overlap held the last person's value divided by the overlap count. Here every offset channel
+  holds the average of the people covering the pixel. `original_offset_overlap=True` gives the original maps.
+- T6: the original wrote a limb joint's offset to its parent whenever the parent's coordinates fell inside the map,
+  even for an unlabelled parent (whose (0, 0) lands anywhere after the affine). Here the parent must be labelled
+  (v > 0) as well. `offsets_to_invisible_parents=True` gives the original maps.
+- T9 / T8: the parent table is not guessed from the dataset name: each limb joint's parent comes from the config
+  (`ljg_parents`, default joint index - 2, which is what COCO, CrowdPose and MPII in the original's joint order use), and
+  one offset target per resolution is produced for every dataset (the original CrowdPose loader expected two).
+Neither flag changes anything a converted checkpoint computes; they exist to reproduce the original training targets.
+
+Kept as in the original: integer truncation `int(x)` of positions (so x in (-1, 0) lands on column 0), a Gaussian of
+size 6*sigma+3 merged by element-wise max, the offset window of half-size tau = 7 at every resolution, offsets
+normalised by Z = sqrt(2) * r, Delta-y before Delta-x in each channel pair.
+"""
+import dataclasses
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetGroup:
+  """The offset channels of one non-root joint: `channel` is the first of 2 (centre only) or 4 (parent, centre)."""
+  joint: int
+  parent: Optional[int]   # None for centre-only joints
+  channel: int
+
+  @property
+  def num_channels(self) -> int:
+    return 2 if self.parent is None else 4
+
+  @property
+  def center_channel(self) -> int:
+    """First channel of the (Delta-y, Delta-x) pair pointing at the person centre."""
+    return self.channel if self.parent is None else self.channel + 2
+
+
+class DEMCodec:
+  """People <-> DEM targets at the configured output resolutions.
+
+  Args:
+    num_joints: J, joints of the dataset (the centre is added as point J).
+    rjg_tag: root joints, grouped by tags; they have no offset channels.
+    ljg_with_hier: limb joints with an offset to their parent and one to the centre (4 channels).
+    ljg_center_only: joints with an offset to the centre only (2 channels).
+    flip_pairs: left/right joint pairs of the dataset (the centre maps to itself).
+    flip_index: the whole flip permutation with the centre (K entries), instead of `flip_pairs`.
+    input_size: side of the square network input.
+    output_sizes: sides of the square target maps, one per output resolution (e.g. (128, 256)).
+    sigma: Gaussian sigma in output pixels, the same at every resolution.
+    max_people: rows of the AE index lists.
+    tau: half-size of the offset window.
+    ljg_parents: parent of each `ljg_with_hier` joint (same order); default joint - 2.
+    original_offset_overlap: reproduce the original last-writer / count overlap (T5).
+    offsets_to_invisible_parents: reproduce the original offsets to unlabelled parents (T6).
+  """
+
+  def __init__(self, num_joints: int, rjg_tag: Sequence[int], ljg_with_hier: Sequence[int],
+               ljg_center_only: Sequence[int], flip_pairs: Sequence[Tuple[int, int]] = (),
+               input_size: int = 512, output_sizes: Sequence[int] = (128, 256), sigma: float = 2.0,
+               max_people: int = 30, tau: int = 7, ljg_parents: Optional[Sequence[int]] = None,
+               original_offset_overlap: bool = False, offsets_to_invisible_parents: bool = False,
+               flip_index: Optional[Sequence[int]] = None):
+    self.num_joints = int(num_joints)
+    self.num_points = self.num_joints + 1
+    self.rjg_tag = tuple(int(j) for j in rjg_tag)
+    self.ljg_with_hier = tuple(int(j) for j in ljg_with_hier)
+    self.ljg_center_only = tuple(int(j) for j in ljg_center_only)
+    self.input_size = int(input_size)
+    self.output_sizes = tuple(int(r) for r in output_sizes)
+    self.sigma = float(sigma)
+    self.max_people = int(max_people)
+    self.tau = int(tau)
+    self.original_offset_overlap = bool(original_offset_overlap)
+    self.offsets_to_invisible_parents = bool(offsets_to_invisible_parents)
+
+    groups = self.rjg_tag + self.ljg_with_hier + self.ljg_center_only
+    if sorted(groups) != list(range(self.num_joints)):
+      raise ValueError(
+          f"joint groups must split joints 0..{self.num_joints - 1} exactly once: rjg_tag={self.rjg_tag}, "
+          f"ljg_with_hier={self.ljg_with_hier}, ljg_center_only={self.ljg_center_only}")
+    if ljg_parents is None:
+      ljg_parents = [j - 2 for j in self.ljg_with_hier]
+    ljg_parents = tuple(int(p) for p in ljg_parents)
+    if len(ljg_parents) != len(self.ljg_with_hier):
+      raise ValueError(f"ljg_parents {ljg_parents} must give one parent per ljg_with_hier joint "
+                       f"{self.ljg_with_hier}")
+    for child, parent in zip(self.ljg_with_hier, ljg_parents):
+      if not 0 <= parent < self.num_joints or parent == child:
+        raise ValueError(f"joint {child} has parent {parent}, which is not another joint of 0..{self.num_joints - 1}")
+    self.parents: Dict[int, int] = dict(zip(self.ljg_with_hier, ljg_parents))
+
+    # Channels are laid out by joint index, root joints skipped (spec 2.4).
+    layout, channel = [], 0
+    for j in range(self.num_joints):
+      if j in self.rjg_tag:
+        continue
+      group = OffsetGroup(j, self.parents.get(j), channel)
+      layout.append(group)
+      channel += group.num_channels
+    self.offset_layout: Tuple[OffsetGroup, ...] = tuple(layout)
+    self.num_offset_channels = channel
+
+    if flip_index is None:
+      flip = np.arange(self.num_points)
+      for a, b in flip_pairs:
+        flip[a], flip[b] = b, a
+    else:
+      flip = np.asarray(flip_index, dtype=np.int64)
+      if (flip.shape != (self.num_points,) or flip[-1] != self.num_points - 1
+          or sorted(flip.tolist()) != list(range(self.num_points))):
+        raise ValueError(f"flip_index {tuple(flip.tolist())} must be a permutation of the {self.num_points} points "
+                         f"that keeps the centre {self.num_points - 1} last")
+    self.flip_index = flip
+
+    # Unnormalised Gaussian of side 6*sigma+3 with its peak at index 3*sigma+1 (spec 2.3).
+    size = 6 * self.sigma + 3
+    grid = np.arange(0, size, 1, dtype=np.float64)
+    peak = 3 * self.sigma + 1
+    self._gaussian = np.exp(-((grid[None, :] - peak) ** 2 + (grid[:, None] - peak) ** 2)
+                            / (2 * self.sigma ** 2)).astype(np.float32)
+
+  @classmethod
+  def from_config(cls, config) -> "DEMCodec":
+    """Builds the codec from a DEM experiment config (`config.data`, see configs/dem_common.py).
+
+    Reads `num_joints`, `rjg_tag`, `ljg_with_hier`, `ljg_parents`, `ljg_center_only`, `flip_index` (with the centre;
+    else `flip_pairs`), `image_size`, `output_size`, `sigma`, `offset_radius`, `max_num_people` and the two
+    reproduction flags `original_offset_overlap` and `offsets_to_invisible_parents` (default False).
+    """
+    data = config.data
+    size = data.image_size
+    input_size = int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+    if isinstance(size, (tuple, list)) and int(size[0]) != int(size[1]):
+      raise ValueError(f"config.data.image_size {tuple(size)} must be square for bottom-up training")
+    return cls(
+        num_joints=int(data.num_joints),
+        rjg_tag=data.rjg_tag,
+        ljg_with_hier=data.ljg_with_hier,
+        ljg_center_only=data.ljg_center_only,
+        flip_pairs=data.get("flip_pairs", ()),
+        input_size=input_size,
+        output_sizes=tuple(int(r) for r in data.output_size),
+        sigma=float(data.sigma),
+        max_people=int(data.get("max_num_people", 30)),
+        tau=int(data.get("offset_radius", 7)),
+        ljg_parents=data.get("ljg_parents", None) or None,
+        original_offset_overlap=bool(data.get("original_offset_overlap", False)),
+        offsets_to_invisible_parents=bool(data.get("offsets_to_invisible_parents", False)),
+        flip_index=data.get("flip_index", None) or None,
+    )
+
+  # ---------------------------------------------------------------------------------------------- people
+
+  def add_centers(self, keypoints: np.ndarray) -> np.ndarray:
+    """(N, J, 3) keypoints -> (N, K, 3) with the person centre appended (spec 2.2).
+
+    The centre is the mean of the labelled (v > 0) keypoints; its v is 1 when at least one keypoint is labelled.
+    (The original sums all J positions; unlabelled COCO/CrowdPose keypoints are (0, 0, 0), so both agree there.)
+    """
+    keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, self.num_joints, 3)
+    labelled = keypoints[:, :, 2] > 0
+    count = labelled.sum(axis=1)
+    total = (keypoints[:, :, :2] * labelled[:, :, None]).sum(axis=1)
+    center = np.zeros((keypoints.shape[0], 1, 3))
+    has = count > 0
+    center[has, 0, :2] = total[has] / count[has, None]
+    center[has, 0, 2] = 1.0
+    return np.concatenate([keypoints, center], axis=1)
+
+  def to_resolution(self, people: np.ndarray, resolution: int) -> np.ndarray:
+    """People in input pixels -> people in the pixels of an r x r map (the augmentation maps both linearly)."""
+    people = np.array(people, dtype=np.float64, copy=True)
+    people[..., :2] *= resolution / self.input_size
+    return people
+
+  def flip_people(self, people: np.ndarray, resolution: int) -> np.ndarray:
+    """Horizontal mirror of people on an r x r map: x <- r - 1 - x, joints re-indexed by the flip index."""
+    people = np.array(people, dtype=np.float64, copy=True)[:, self.flip_index]
+    people[..., 0] = resolution - 1 - people[..., 0]
+    return people
+
+  def _inside(self, people: np.ndarray, resolution: int):
+    """Integer positions (truncated toward zero) and whether each labelled point lands on the map."""
+    xy = np.trunc(people[..., :2]).astype(np.int64)
+    ok = ((people[..., 2] > 0) & (xy[..., 0] >= 0) & (xy[..., 1] >= 0)
+          & (xy[..., 0] < resolution) & (xy[..., 1] < resolution))
+    return xy, ok
+
+  # ---------------------------------------------------------------------------------------------- targets
+
+  def heatmaps(self, people: np.ndarray, resolution: int) -> np.ndarray:
+    """(N, K, 3) people at resolution r -> (r, r, K) Gaussian heatmaps, merged by max (spec 2.3)."""
+    people = np.asarray(people, dtype=np.float64).reshape(-1, self.num_points, 3)
+    r = int(resolution)
+    maps = np.zeros((r, r, self.num_points), dtype=np.float32)
+    xy, ok = self._inside(people, r)
+    g = self._gaussian
+    s = self.sigma
+    for n, k in zip(*np.nonzero(ok)):
+      x, y = xy[n, k]
+      ul = int(np.round(x - 3 * s - 1)), int(np.round(y - 3 * s - 1))
+      br = int(np.round(x + 3 * s + 2)), int(np.round(y + 3 * s + 2))
+      gx0, gx1 = max(0, -ul[0]), min(br[0], r) - ul[0]
+      gy0, gy1 = max(0, -ul[1]), min(br[1], r) - ul[1]
+      mx0, mx1 = max(0, ul[0]), min(br[0], r)
+      my0, my1 = max(0, ul[1]), min(br[1], r)
+      window = maps[my0:my1, mx0:mx1, k]
+      np.maximum(window, g[gy0:gy1, gx0:gx1], out=window)
+    return maps
+
+  def offset_norm(self, resolution: int) -> float:
+    """Z: offsets are stored divided by the diagonal of the r x r map."""
+    return math.sqrt(2.0 * resolution ** 2)
+
+  def offsets(self, people: np.ndarray, resolution: int, return_counts: bool = False):
+    """(N, K, 3) people at resolution r -> (r, r, C) Local-Embedding offset targets (spec 2.4, fixes above).
+
+    In each joint's (2 tau + 1)^2 window (clipped to the map) a channel pair holds (T_y - v, T_x - u) / Z at pixel
+    (u, v), T being the person centre or the parent joint (raw coordinates, which may lie off the map).
+    With `return_counts` also returns the per-channel number of people that wrote each pixel.
+    """
+    people = np.asarray(people, dtype=np.float64).reshape(-1, self.num_points, 3)
+    r = int(resolution)
+    z = self.offset_norm(r)
+    tau = self.tau
+    sums = np.zeros((r, r, self.num_offset_channels), dtype=np.float64)
+    counts = np.zeros((r, r, self.num_offset_channels), dtype=np.float64)
+    xy, ok = self._inside(people, r)
+    center = self.num_points - 1
+    overwrite = self.original_offset_overlap
+    for group in self.offset_layout:
+      j, c = group.joint, group.channel
+      for n in np.nonzero(ok[:, j])[0]:
+        x, y = xy[n, j]
+        x0, x1 = max(0, x - tau), min(r, x + tau + 1)
+        y0, y1 = max(0, y - tau), min(r, y + tau + 1)
+        rows = np.arange(y0, y1, dtype=np.float64)[:, None]
+        cols = np.arange(x0, x1, dtype=np.float64)[None, :]
+        pairs = []
+        if group.parent is not None:
+          px, py, pv = people[n, group.parent]
+          parent_ok = 0 <= px < r and 0 <= py < r
+          if not self.offsets_to_invisible_parents:
+            parent_ok = parent_ok and pv > 0
+          if parent_ok:
+            pairs.append((c, px, py, overwrite))
+        if people[n, center, 2] > 0:
+          # Centre-only channels always accumulated in the original; the limb joints' centre pair overwrote.
+          pairs.append((group.center_channel, people[n, center, 0], people[n, center, 1],
+                        overwrite and group.parent is not None))
+        for ch, tx, ty, replace in pairs:
+          dy = np.broadcast_to((ty - rows) / z, (y1 - y0, x1 - x0))
+          dx = np.broadcast_to((tx - cols) / z, (y1 - y0, x1 - x0))
+          if replace:
+            sums[y0:y1, x0:x1, ch] = dy
+            sums[y0:y1, x0:x1, ch + 1] = dx
+          else:
+            sums[y0:y1, x0:x1, ch] += dy
+            sums[y0:y1, x0:x1, ch + 1] += dx
+          counts[y0:y1, x0:x1, ch:ch + 2] += 1
+    maps = (sums / np.maximum(counts, 1)).astype(np.float32)
+    if return_counts:
+      return maps, counts.astype(np.int32)
+    return maps
+
+  def ae_index_list(self, people: np.ndarray, resolution: int) -> np.ndarray:
+    """(N, K, 3) people -> (max_people, K, 2) int32 rows of (k * r^2 + y * r + x, 1) (spec 2.5).
+
+    Every labelled point on the map is listed (all joints and the centre). People with no such point take no row,
+    and people beyond `max_people` listed ones are left out of the AE loss (the original raised an IndexError);
+    they still get heatmaps and offsets.
+    """
+    people = np.asarray(people, dtype=np.float64).reshape(-1, self.num_points, 3)
+    r = int(resolution)
+    out = np.zeros((self.max_people, self.num_points, 2), dtype=np.int32)
+    xy, ok = self._inside(people, r)
+    row = 0
+    for n in range(people.shape[0]):
+      ks = np.nonzero(ok[n])[0]
+      if ks.size == 0:
+        continue
+      if row == self.max_people:
+        break
+      out[row, :ks.size, 0] = ks * r * r + xy[n, ks, 1] * r + xy[n, ks, 0]
+      out[row, :ks.size, 1] = 1
+      row += 1
+    return out
+
+  def encode(self, people_per_resolution: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+    """People at each output resolution -> the training targets of one sample.
+
+    Returns `heatmaps_i` (r_i, r_i, K) float32, `offsets_i` (r_i, r_i, C) float32 and `joints_i`
+    (max_people, K, 2) int32 for each resolution index i.
+    """
+    if len(people_per_resolution) != len(self.output_sizes):
+      raise ValueError(f"got people at {len(people_per_resolution)} resolutions, the codec has "
+                       f"{len(self.output_sizes)} ({self.output_sizes})")
+    targets = {}
+    for i, (people, r) in enumerate(zip(people_per_resolution, self.output_sizes)):
+      targets[f"heatmaps_{i}"] = self.heatmaps(people, r)
+      targets[f"offsets_{i}"] = self.offsets(people, r)
+      targets[f"joints_{i}"] = self.ae_index_list(people, r)
+    return targets
+
+  # ---------------------------------------------------------------------------------------------- maps
+
+  @property
+  def offset_flip_permutation(self) -> np.ndarray:
+    """Channel index array: offset channels of a mirrored map come from the mirror joint's group (spec 4.2)."""
+    by_joint = {g.joint: g for g in self.offset_layout}
+    perm = np.arange(self.num_offset_channels)
+    for group in self.offset_layout:
+      mirror = by_joint.get(int(self.flip_index[group.joint]))
+      if mirror is None or mirror.num_channels != group.num_channels:
+        raise ValueError(f"joint {group.joint} and its mirror {self.flip_index[group.joint]} are in different "
+                         f"offset groups")
+      perm[group.channel:group.channel + group.num_channels] = np.arange(
+          mirror.channel, mirror.channel + mirror.num_channels)
+    return perm
+
+  @property
+  def offset_x_channels(self) -> np.ndarray:
+    """Boolean mask of the Delta-x channels (odd channels: each pair is (Delta-y, Delta-x))."""
+    return np.arange(self.num_offset_channels) % 2 == 1
+
+  def flip_heatmaps(self, maps: np.ndarray) -> np.ndarray:
+    """Mirror (..., H, W, K) heatmaps or tag maps: reverse W and swap left/right channels."""
+    return np.asarray(maps)[..., ::-1, :][..., self.flip_index]
+
+  def flip_offsets(self, maps: np.ndarray) -> np.ndarray:
+    """Mirror (..., H, W, C) offset maps: reverse W, swap mirror groups and negate Delta-x."""
+    maps = np.asarray(maps)[..., ::-1, :][..., self.offset_flip_permutation]
+    return np.where(self.offset_x_channels, -maps, maps)
+
+  def tag_maps(self, people: np.ndarray, resolution: int, person_tags: Sequence[float]) -> np.ndarray:
+    """Ideal tag maps (r, r, K): each pixel of a point's Gaussian window holds the tag of the person whose Gaussian
+    is largest there (the first person on ties), 0 elsewhere. For testing grouping on rendered outputs."""
+    people = np.asarray(people, dtype=np.float64).reshape(-1, self.num_points, 3)
+    r = int(resolution)
+    best = np.zeros((r, r, self.num_points), dtype=np.float32)
+    tags = np.zeros((r, r, self.num_points), dtype=np.float32)
+    for n in range(people.shape[0]):
+      single = self.heatmaps(people[n:n + 1], r)
+      win = single > best
+      tags[win] = person_tags[n]
+      best = np.maximum(best, single)
+    return tags
+
+  def render_outputs(self, people_input: np.ndarray, person_tags: Sequence[float]):
+    """Ideal network outputs for people given in input pixels, batch of one, NHWC, in the model's order:
+    (offsets at output_sizes[0], offsets at output_sizes[1], heatmaps+tags at output_sizes[0], heatmaps at
+    output_sizes[1]). Useful to test grouping and decoding without a trained network."""
+    if len(self.output_sizes) != 2:
+      raise ValueError(f"render_outputs needs two output sizes, got {self.output_sizes}")
+    r0, r1 = self.output_sizes
+    p0 = self.to_resolution(people_input, r0)
+    p1 = self.to_resolution(people_input, r1)
+    quarter = np.concatenate([self.heatmaps(p0, r0), self.tag_maps(p0, r0, person_tags)], axis=-1)
+    return (self.offsets(p0, r0)[None], self.offsets(p1, r1)[None], quarter[None], self.heatmaps(p1, r1)[None])

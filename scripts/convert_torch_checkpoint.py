@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Convert an original PyTorch checkpoint (EEffPose or DEM) into an orbax checkpoint.
+
+  python scripts/convert_torch_checkpoint.py model_best.pth --config configs/eeffpose_p0.py --output /abs/out_dir
+
+Same as `python -m meme_jax.convert`; see meme_jax/convert.py for the formats it reads.
+"""
+import sys
+
+from meme_jax import convert
+
+if __name__ == "__main__":
+  sys.exit(convert.main())
