@@ -1,4 +1,4 @@
-"""DEM (double embedding) with HRNet-W32 on CrowdPose, 512x512 (yaml `crowd_pose/higher_hrnet/w32_512_adam_lr1e-3.yaml`).
+"""DEM (double embedding) with HRNet-W32 on CrowdPose, 512x512 (yaml `crowd_pose/higher_hrnet/w32_512_adam_lr1e-3`).
 
 14 joints + person centre; outputs at 128 and 256: 36 offset channels, 30 heatmap+tag channels at 1/4, 15 heatmaps at
 1/2; 28,761,685 parameters. Trained on trainval, evaluated on test (AP, AP50, AP75, AR, AR50, AR75, AP easy/medium/

@@ -50,6 +50,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.test.in_vis_thre = 0.2
   config.test.oks_thre = 0.99
   config.test.soft_nms = False
+  config.test.blur_kernel = 0             # DARK/UDP modulation kernel (odd); 0 = 6*sigma-1 (11 for sigma 2)
+  config.test.num_examples = 4            # images with predicted poses returned by the evaluation for drawing
 
   if arg == "synthetic":
     synthetic(config)

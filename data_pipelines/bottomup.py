@@ -9,8 +9,8 @@ Pipeline per sample (spec dem 2 and 5):
 3. Random affine: the square of side 200 * s centred at c maps onto each output square, s = (short side / 200) *
    U[min_scale, max_scale), rotation U(-max_rotation, max_rotation) about the output centre, c = image centre +
    integer (dx, dy) drawn from [trunc(-max_translate * s), trunc(max_translate * s)). The image is warped bilinearly
-   to the input size with a black border, the mask to each output size (thresholded at 0.5), the people to each
-   output size.
+   to the input size with a black border, the mask to each output size (thresholded at 0.5; pixels outside the image
+   get 0, as in the original), the people to each output size.
 4. Flip with probability `flip_prob`: image and masks mirrored, people re-indexed by the flip index with the centre
    and x <- r - 1 - x at each output size.
 5. Targets from `DEMCodec.encode`; the image normalised with the ImageNet mean and std.
@@ -24,9 +24,11 @@ K = joints + 1, C = offset channels, P = `data.max_num_people`):
   joints_0    (B, P, K, 2) int32: AE index lists at r_0, rows of (k * r_0^2 + y * r_0 + x, 1)
 """
 import collections
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from absl import flags
 import cv2
 import grain
 import numpy as np
@@ -269,7 +271,8 @@ class BottomUpSample(grain.transforms.RandomMap):
 
 def bottomup_dataset(config, records: Optional[List[Dict[str, Any]]] = None, *, seed: int = 0,
                      shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-  """Infinite, shuffled (reshuffled every epoch), augmented MapDataset of single samples for one shard."""
+  """Infinite MapDataset of single augmented samples for one shard: the shard's images (`shard_index::shard_count`),
+  shuffled anew every epoch; element i's augmentation is drawn from a generator keyed by (seed, i)."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
   records = records if records is not None else load_records(config)
@@ -279,21 +282,84 @@ def bottomup_dataset(config, records: Optional[List[Dict[str, Any]]] = None, *, 
   return ds.shuffle(seed=seed).repeat(None).random_map(BottomUpSample(config), seed=seed + 1)
 
 
-def bottomup_train_loader(config, *, seed: int, shard_index: int, shard_count: int, batch_size_per_process: int,
-                          num_workers: int, records: Optional[List[Dict[str, Any]]] = None):
-  """Iterator of training batches (dicts, keys in the module docstring) for this process, endless over epochs.
+BATCH_KEYS = ("image", "heatmaps_0", "heatmaps_1", "masks_0", "masks_1", "offsets_0", "offsets_1", "joints_0")
 
-  The iterator has `get_state()` / `set_state()` so a checkpoint can store it and resume exactly. Each process reads
-  the images `shard_index::shard_count`; `num_workers` > 0 decodes and augments in that many worker processes.
+
+def batch_shapes(config, batch_size: int) -> Dict[str, Any]:
+  """{key: (shape, dtype)} of one process's batch, for compiling before the first batch arrives."""
+  codec = DEMCodec.from_config(config)
+  s, (r0, r1) = codec.input_size, codec.output_sizes
+  k, c, b = codec.num_points, codec.num_offset_channels, int(batch_size)
+  return {"image": ((b, s, s, 3), np.float32),
+          "heatmaps_0": ((b, r0, r0, k), np.float32), "heatmaps_1": ((b, r1, r1, k), np.float32),
+          "masks_0": ((b, r0, r0), np.float32), "masks_1": ((b, r1, r1), np.float32),
+          "offsets_0": ((b, r0, r0, c), np.float32), "offsets_1": ((b, r1, r1, c), np.float32),
+          "joints_0": ((b, codec.max_people, k, 2), np.int32)}
+
+
+@dataclasses.dataclass
+class BottomUpTrainLoader:
+  """An endless iterable of training batches (keys and shapes in the module docstring); `iter(loader)` gives a
+  grain DatasetIterator with get_state() / set_state(), so a checkpoint can hold it and resume exactly."""
+  dataset: grain.IterDataset
+  batch_size: int               # per process
+  num_images: int               # training images of all processes
+  shard_count: int
+  batch_shapes: Dict[str, Any]
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Steps of one pass over the training images with every process taking `batch_size` per step."""
+    return max(1, self.num_images // (self.batch_size * self.shard_count))
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return iter(self.dataset)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  cv2.setNumThreads(1)     # one core per worker process; cv2's own threads would oversubscribe
+
+
+def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[int] = None,
+                          shard_count: Optional[int] = None, batch_size_per_process: Optional[int] = None,
+                          num_workers: Optional[int] = None,
+                          records: Optional[List[Dict[str, Any]]] = None) -> BottomUpTrainLoader:
+  """The bottom-up training stream of `config` for this process.
+
+  Defaults: `config.data.seed`; this JAX process's shard; `config.train.batch_size / shard_count`;
+  `config.data.num_workers` (worker processes decoding and augmenting; 0 = threads of this process,
+  `config.data.read_threads` of them). The built-in synthetic dataset is generated on first use.
   """
-  ds = bottomup_dataset(config, records, seed=seed, shard_index=shard_index, shard_count=shard_count)
+  data = config.data
+  if records is None:
+    if data.get("dataset", "") == "synthetic":
+      from data_pipelines import synthetic  # pylint: disable=import-outside-toplevel
+      synthetic.ensure_synthetic_dataset(data)
+    records = load_records(config)
+  if shard_index is None or shard_count is None:
+    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    shard_index, shard_count = options.shard_index, options.shard_count
+  if batch_size_per_process is None:
+    batch_size_per_process = int(config.train.batch_size) // int(shard_count)
+  seed = int(data.get("seed", 0) if seed is None else seed)
+  num_workers = int(data.get("num_workers", 0) if num_workers is None else num_workers)
   batch = int(batch_size_per_process)
-  # Threads decode and augment single samples ahead (cv2 releases the GIL); batches are formed afterwards so the
-  # read-ahead buffer holds samples, not whole batches of 1/2-resolution offset maps.
-  threads = max(1, int(config.data.get("read_threads", 4)))
-  prefetch = max(1, int(config.data.get("prefetch", 2)))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch * batch)))
-  it = it.batch(batch, drop_remainder=True)
+  prefetch = max(1, int(data.get("prefetch", 2)))
+  ds = bottomup_dataset(config, records, seed=seed, shard_index=int(shard_index), shard_count=int(shard_count))
   if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=prefetch))
-  return iter(it)
+    if not flags.FLAGS.is_parsed():   # grain's worker processes read absl flags (unparsed in tests, notebooks)
+      flags.FLAGS.mark_as_parsed()
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=batch))
+    it = it.batch(batch, drop_remainder=True)
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+                        worker_init_fn=_worker_init)
+  else:
+    # Threads decode and augment single samples ahead (cv2 releases the GIL); batches are formed afterwards so the
+    # read-ahead buffer holds samples, not whole batches of 1/2-resolution offset maps.
+    threads = max(1, int(data.get("read_threads", 4)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads,
+                                                                                            prefetch * batch)))
+    it = it.batch(batch, drop_remainder=True)
+  return BottomUpTrainLoader(dataset=it, batch_size=batch, num_images=len(records), shard_count=int(shard_count),
+                             batch_shapes=batch_shapes(config, batch))

@@ -28,7 +28,15 @@ def decode_image(data: bytes, *, color_rgb: bool = True, name: str = "<bytes>",
 
 def read_image(path: str, *, color_rgb: bool = True, expected_size: Optional[Sequence[int]] = None,
                context: str = "") -> np.ndarray:
-  """Reads and decodes an image file -> (H, W, 3) uint8 (RGB unless color_rgb=False)."""
+  """Reads and decodes an image file -> (H, W, 3) uint8 (RGB unless color_rgb=False). `tfds://` references are
+  read from a built TFDS dataset (data_pipelines.tfds_builders)."""
+  if path.startswith("tfds://"):
+    from data_pipelines import tfds_builders   # pylint: disable=g-import-not-at-top
+    try:
+      data = tfds_builders.read_image_bytes(path)
+    except (OSError, IndexError, ValueError) as e:
+      raise BadRecordError(f"{path}: cannot read the image ({e}){context}") from None
+    return decode_image(data, color_rgb=color_rgb, name=path, expected_size=expected_size, context=context)
   try:
     with open(path, "rb") as f:
       data = f.read()

@@ -1,19 +1,22 @@
 """The top-down input pipelines on grain: training batches (augmented crops + heatmap targets) and evaluation batches.
 
-Training (`train_loader`) is an infinite, seeded, resumable stream built from index arithmetic only, so a resumed run
-sees exactly the examples an uninterrupted one would:
-  * epoch e shuffles the *units* (with `data.group_by_image`, a unit is an image with all its persons; otherwise a
-    single person) with a seed derived from (seed, e); process `shard_index` of `shard_count` takes every
-    shard_count-th unit (the same number on every process);
-  * consecutive units form a *chunk* (`data.chunk_units` of them). A worker decodes each image of a chunk once, crops
-    and augments every person of it, and returns the persons in a seeded random order;
+Training (`train_loader`) is an infinite, seeded, resumable stream defined by index arithmetic only, so a resumed run
+sees exactly the examples an uninterrupted one would, whatever the number of workers:
+  * epoch e orders the training persons with a seed derived from (seed, e). With `data.group_by_image` (default) the
+    *images* are shuffled and each image's persons follow one another; otherwise the persons are shuffled (the
+    original's order). Process `shard_index` of `shard_count` takes every shard_count-th image (person), and its
+    epoch is exactly N // shard_count persons long (cut, or wrapped when its share is smaller), so every process has
+    the same number of steps;
+  * the epochs follow one another in one stream of persons, cut into *chunks* of `M = data.chunk_size // batch size`
+    whole batches. A worker decodes each image of a chunk once, augments and crops every person of it, makes the
+    targets, and deals the persons into the chunk's M batches in a seeded random order. The main process only hands
+    out the finished batches (views, no copy);
   * each person's augmentation draws from its own generator, keyed by (seed, epoch, record index), so it does not
-    depend on chunking, workers or resumption;
-  * chunks are rebatched into `batch_size_per_process` batches in the main process (grain's RebatchIterDataset).
+    depend on chunking, workers or resumption.
 Decoding once per image is what makes the pipeline fast: a JPEG decode costs more than all the augmentation of one
-person, and COCO has 2.6 persons per training image. Its price: persons of one image tend to share a batch (each
-batch draws from the mixed persons of about `chunk_units` images). `data.group_by_image=False` gives the original's
-order instead: every person drawn uniformly, one decode per person.
+person, and COCO has 2.6 persons per training image. Its price: persons of one image share a chunk, so they are more
+often in one batch than in a uniform shuffle (each batch is drawn from the persons of about chunk_size / 2.6 images).
+`data.group_by_image=False` gives the original's uniform order at one decode per person.
 
 Evaluation (`eval_batches`) crops records in order (decoding an image once for all its persons in a batch), with a
 fixed batch shape: the last batch is padded and `valid` marks the real entries.
@@ -87,10 +90,11 @@ def _table(config, records) -> RecordTable:
 # ---------------------------------------------------------------------------------------------- per-person work
 
 
-def augment_rng(seed: int, epoch: int, record_index: int) -> np.random.Generator:
-  """The generator of one person's augmentation in one epoch."""
+def augment_rng(seed: int, epoch: int, record_index: int, occurrence: int = 0) -> np.random.Generator:
+  """The generator of one person's augmentation in one epoch (`occurrence` > 0 for a repeat within the epoch)."""
   key = np.array([(int(seed) ^ _RNG_STREAM_AUGMENT) & 0xFFFFFFFFFFFFFFFF,
-                  ((int(epoch) & 0xFFFFFFFF) << 32) | (int(record_index) & 0xFFFFFFFF)], dtype=np.uint64)
+                  ((int(epoch) & 0xFFFFFF) << 40) | ((int(occurrence) & 0xFF) << 32) | (int(record_index) & 0xFFFFFFFF)],
+                 dtype=np.uint64)
   return np.random.Generator(np.random.Philox(key=key))
 
 
@@ -144,54 +148,65 @@ class _Examples:
 
 @dataclasses.dataclass
 class TrainPlan:
-  """Which persons, in which order, each chunk of the infinite training stream holds (pure index arithmetic)."""
+  """Which persons, in which order and batch, each chunk of the infinite training stream holds (index arithmetic)."""
   table: RecordTable
   seed: int
   shard_index: int
   shard_count: int
-  chunk_units: int
+  batch_size: int
+  batches_per_chunk: int
   group_by_image: bool
 
   def __post_init__(self):
     if self.group_by_image:
       groups = self.table.records_by_image()
       self.unit_records = np.concatenate(groups).astype(np.int64)
-      self.unit_offsets = np.cumsum([0] + [len(g) for g in groups]).astype(np.int64)
+      self.unit_sizes = np.array([len(g) for g in groups], dtype=np.int64)
     else:
       self.unit_records = np.arange(len(self.table), dtype=np.int64)
-      self.unit_offsets = np.arange(len(self.table) + 1, dtype=np.int64)
-    num_units = len(self.unit_offsets) - 1
+      self.unit_sizes = np.ones(len(self.table), dtype=np.int64)
+    self.unit_starts = np.concatenate([[0], np.cumsum(self.unit_sizes)[:-1]]).astype(np.int64)
     if not 0 <= self.shard_index < self.shard_count:
       raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
-    self.units_per_shard = num_units // self.shard_count
-    if self.units_per_shard == 0:
-      raise ValueError(f"{num_units} {'images' if self.group_by_image else 'records'} cannot feed "
+    if len(self.unit_sizes) < self.shard_count:
+      raise ValueError(f"{len(self.unit_sizes)} {'images' if self.group_by_image else 'records'} cannot feed "
                        f"{self.shard_count} processes")
-    self.chunk_units = max(1, min(int(self.chunk_units), self.units_per_shard))
-    self.chunks_per_epoch = math.ceil(self.units_per_shard / self.chunk_units)
-    self._epoch_cache = (-1, None)
+    self.epoch_length = len(self.table) // self.shard_count      # persons per epoch on every process
+    self.batches_per_chunk = max(1, int(self.batches_per_chunk))
+    self.chunk_length = self.batches_per_chunk * int(self.batch_size)
+    self._cache: Dict[int, Any] = {}
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_epoch_cache"] = (-1, None)
+    state["_cache"] = {}
     return state
 
-  def epoch_units(self, epoch: int) -> np.ndarray:
-    """This shard's units in epoch `epoch`, in order (one global shuffle, every shard_count-th unit)."""
-    if self._epoch_cache[0] != epoch:
-      rng = np.random.default_rng([self.seed, _RNG_STREAM_UNITS, epoch])
-      order = rng.permutation(len(self.unit_offsets) - 1)
-      self._epoch_cache = (epoch, order[self.shard_index::self.shard_count][:self.units_per_shard])
-    return self._epoch_cache[1]
+  def epoch_persons(self, epoch: int):
+    """This process's persons of epoch `epoch` in order, (epoch_length,), and their occurrence in the epoch."""
+    if epoch not in self._cache:
+      order = np.random.default_rng([self.seed, _RNG_STREAM_UNITS, epoch]).permutation(len(self.unit_sizes))
+      mine = order[self.shard_index::self.shard_count]
+      sizes = self.unit_sizes[mine]
+      first = np.repeat(self.unit_starts[mine] - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+      persons = self.unit_records[first + np.arange(int(sizes.sum()))]
+      positions = np.arange(self.epoch_length)
+      if len(self._cache) > 3:
+        self._cache.clear()
+      self._cache[epoch] = (persons[positions % len(persons)], positions // len(persons))
+    return self._cache[epoch]
 
   def chunk(self, index: int) -> Dict[str, Any]:
-    """Chunk `index` of the stream: its epoch, its units, and the output position of each of their persons."""
-    epoch, c = divmod(int(index), self.chunks_per_epoch)
-    units = self.epoch_units(epoch)[c * self.chunk_units:(c + 1) * self.chunk_units]
-    persons = [self.unit_records[self.unit_offsets[u]:self.unit_offsets[u + 1]] for u in units]
-    n = sum(len(p) for p in persons)
-    position = np.random.default_rng([self.seed, _RNG_STREAM_CHUNK, epoch, c]).permutation(n)
-    return dict(epoch=epoch, chunk=c, units=persons, position=position)
+    """Chunk `index`: for each of its persons (stream order) the record, epoch, occurrence and slot in the chunk."""
+    positions = int(index) * self.chunk_length + np.arange(self.chunk_length)
+    epochs, offsets = np.divmod(positions, self.epoch_length)
+    records = np.empty(self.chunk_length, dtype=np.int64)
+    occurrence = np.empty(self.chunk_length, dtype=np.int64)
+    for e in np.unique(epochs):
+      persons, occ = self.epoch_persons(int(e))
+      here = epochs == e
+      records[here], occurrence[here] = persons[offsets[here]], occ[offsets[here]]
+    slots = np.random.default_rng([self.seed, _RNG_STREAM_CHUNK, int(index)]).permutation(self.chunk_length)
+    return dict(index=int(index), records=records, epochs=epochs, occurrence=occurrence, slots=slots)
 
 
 class _ChunkPlanDataset(grain.MapDataset):
@@ -210,153 +225,165 @@ class _ChunkPlanDataset(grain.MapDataset):
     return self.plan.chunk(index)
 
   def __str__(self):
-    return f"TrainChunks(chunks_per_epoch={self.plan.chunks_per_epoch})"
+    return f"TrainChunks(batches_per_chunk={self.plan.batches_per_chunk}, batch_size={self.plan.batch_size})"
 
 
 _IN_WORKER_PROCESS = False
 
 
 class _ProcessChunk(grain.transforms.Map):
-  """A chunk description -> its persons' augmented crops: each image decoded once, its persons cropped.
+  """A chunk description -> its finished batches: image (M, B, H, W, 3), heatmaps (M, B, h, w, J), target_weight
+  (M, B, J), plus `skipped_epochs`, the epoch of every person skipped for an unreadable image.
 
-  Output: crop (n, H, W, 3) uint8, joints (n, J, 2) crop pixels, visible (n, J), in the chunk's person order, plus
-  the chunk's `epoch` and the number of persons `skipped` for unreadable images. Crops stay uint8 (a quarter of the
-  bytes of the float image) until the batch is assembled: cheaper to hand between processes.
+  Each image is decoded once for all of its persons in the chunk. A skipped person's slot is filled by another
+  person of the chunk, augmented afresh, so batches keep their size. In a worker process the arrays are allocated in
+  shared memory, which the main process reads without a copy.
   """
 
-  def __init__(self, data_config, table: RecordTable, seed: int):
+  def __init__(self, data_config, plan: TrainPlan):
     self.examples = _Examples(data_config, train=True)
-    self.table = table
-    self.seed = int(seed)
+    self.plan = plan
+    self.table = plan.table
+    self.seed = plan.seed
+    self.batch_size = plan.batch_size
+    self.batches_per_chunk = plan.batches_per_chunk
     self.skip = records_lib.skip_bad_records(data_config)
 
+  def _allocate(self):
+    new = grain.multiprocessing.SharedMemoryArray if _IN_WORKER_PROCESS else np.empty
+    (w, h), (hw, hh) = self.examples.image_size, self.examples.heatmap_size
+    lead = (self.batches_per_chunk, self.batch_size)
+    return dict(image=new(lead + (h, w, 3), np.float32),
+                heatmaps=new(lead + (hh, hw, self.examples.num_joints), np.float32),
+                target_weight=np.empty(lead + (self.examples.num_joints,), np.float32))
+
   def map(self, chunk: Dict[str, Any]) -> Dict[str, Any]:
-    table, epoch, position = self.table, chunk["epoch"], chunk["position"]
-    n = len(position)
-    w, h = self.examples.image_size
-    num_joints = self.examples.num_joints
-    # In a worker process the crops go straight into shared memory, which the main process reads without a copy.
-    crops = (grain.multiprocessing.SharedMemoryArray if _IN_WORKER_PROCESS else np.empty)((n, h, w, 3), np.uint8)
-    joints = np.zeros((n, num_joints, 2), np.float32)
-    visible = np.zeros((n, num_joints), np.float32)
-    ok = np.ones(n, dtype=bool)
-    bad = []
-    start = 0
-    for persons in chunk["units"]:
-      slots = position[start:start + len(persons)]
-      start += len(persons)
-      image_index = -1
-      image = None
-      for slot, r in zip(slots, persons):
-        if table.image_index[r] != image_index:
-          image_index = int(table.image_index[r])
-          try:
-            image = self.examples.read(table, image_index, context=f" (record {int(r)}, image_id "
-                                                                   f"{int(table.image_id[r])})")
-          except BadRecordError as e:
-            if not self.skip:
-              raise
-            image = None
-            bad.append(str(e))
-        if image is None:
-          ok[slot] = False
-          continue
-        crops[slot], joints[slot], visible[slot] = self.examples.crop(table, int(r), image,
-                                                                      augment_rng(self.seed, epoch, int(r)))
+    table, records, slots = self.table, chunk["records"], chunk["slots"]
+    batches = self._allocate()
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batches.items()}
+    ok = np.ones(len(records), dtype=bool)
+    bad: List[str] = []
+    image_index, image = -1, None
+    for i in np.argsort(table.image_index[records], kind="stable"):     # one decode per image
+      r = int(records[i])
+      if table.image_index[r] != image_index:
+        image_index = int(table.image_index[r])
+        try:
+          image = self.examples.read(table, image_index, context=f" (record {r}, image_id {int(table.image_id[r])})")
+        except BadRecordError as e:
+          if not self.skip:
+            raise
+          image = None
+          bad.append(str(e))
+      if image is None:
+        ok[i] = False
+        continue
+      rng = augment_rng(self.seed, int(chunk["epochs"][i]), r, int(chunk["occurrence"][i]))
+      self.examples.fill(flat, int(slots[i]), table, r, image, rng)
     if not ok.all():
-      if not ok.any():
-        raise BadRecordError(f"every image of training chunk {chunk['chunk']} of epoch {epoch} is unreadable: "
-                             + "; ".join(bad[:3]))
-      if isinstance(crops, grain.multiprocessing.SharedMemoryArray):
-        crops.unlink_on_del()     # never handed over: this process frees it
-      crops, joints, visible = np.array(crops[ok]), joints[ok], visible[ok]
-    return dict(crop=crops, joints=joints, visible=visible, epoch=epoch, skipped=int(n - ok.sum()))
+      self._replace(chunk, flat, ok, bad)
+    batches["skipped_epochs"] = chunk["epochs"][~ok].astype(np.int64)
+    return batches
+
+  def _replace(self, chunk, flat, ok, bad) -> None:
+    """Fills the slots of skipped persons with readable persons of the chunk (or, when it has none, of the chunks
+    after it), each with a fresh augmentation."""
+    table = self.table
+    donors = [(int(chunk["records"][j]), int(chunk["epochs"][j])) for j in np.flatnonzero(ok)]
+    following = chunk["index"]
+    while not donors:
+      following += 1
+      if (following - chunk["index"]) * self.plan.chunk_length > 2 * self.plan.epoch_length:
+        raise BadRecordError("no readable image in two epochs' worth of training persons: " + "; ".join(bad[:3]))
+      other = self.plan.chunk(following)
+      for r, e in zip(other["records"], other["epochs"]):
+        try:
+          self.examples.read(table, int(table.image_index[r]))
+        except BadRecordError:
+          continue
+        donors.append((int(r), int(e)))
+        break
+    for k, i in enumerate(np.flatnonzero(~ok)):
+      r, e = donors[k % len(donors)]
+      image = self.examples.read(table, int(table.image_index[r]))
+      self.examples.fill(flat, int(chunk["slots"][i]), table, r, image, augment_rng(self.seed, e, r, 128 + k % 128))
 
 
-class _AssembleBatches(grain.IterDataset):
-  """Chunks of crops -> training batches (normalised image, heatmaps, target_weight) of a fixed size.
+class _Batches(grain.IterDataset):
+  """Chunks of M batches -> the batches, one by one. Counts the persons skipped for unreadable images and logs
+  them at the end of each epoch."""
 
-  Counts the persons skipped for unreadable images and logs them at the end of each epoch.
-  """
-
-  def __init__(self, parent: grain.IterDataset, data_config, batch_size: int, load_skips: int):
+  def __init__(self, parent: grain.IterDataset, plan: TrainPlan, load_skips: int, log_skips: bool):
     super().__init__(parent)
-    self.data_config = data_config
-    self.batch_size = int(batch_size)
+    self.plan = plan
     self.load_skips = int(load_skips)
+    self.log_skips = log_skips
 
   def __iter__(self):
-    return _AssembleBatchesIterator(self._parent.__iter__(), _Examples(self.data_config, train=True),
-                                    self.batch_size, self.load_skips,
-                                    records_lib.skip_bad_records(self.data_config))
+    return _BatchesIterator(self._parent.__iter__(), self.plan.chunk_length, self.plan.epoch_length,
+                            self.load_skips, self.log_skips)
 
 
-class _AssembleBatchesIterator(grain.DatasetIterator):
+class _BatchesIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, examples: _Examples, batch_size: int, load_skips: int,
+  def __init__(self, parent: grain.DatasetIterator, chunk_length: int, epoch_length: int, load_skips: int,
                log_skips: bool):
     super().__init__(parent)
-    self.examples = examples
-    self.batch_size = batch_size
-    self.load_skips = load_skips
-    self.log_skips = log_skips
+    self.chunk_length, self.epoch_length = chunk_length, epoch_length
+    self.load_skips, self.log_skips = load_skips, log_skips
     self.chunk = None
-    self.pos = 0
+    self.next_batch = 0
     self.parent_state = self._parent.get_state()   # the parent's state before `self.chunk`
-    self.restored_pos = None
-    self.epoch = 0
-    self.skipped_epoch = 0        # persons skipped so far in `epoch` for unreadable images
-    self.skipped_total = 0        # over all epochs (not counting the records left out when loading)
+    self.chunks_done = 0          # chunks fully handed out
+    self.skipped: Dict[str, int] = {}   # epoch (str, for JSON) -> persons skipped, for epochs not yet logged
+    self.skipped_total = 0
+    self.logged_epochs = 0
 
   def _next_chunk(self) -> None:
+    if self.chunk is not None:
+      self.chunks_done += 1
+      self._log_finished_epochs()
     self.parent_state = self._parent.get_state()
     self.chunk = next(self._parent)
-    if self.restored_pos is not None:   # re-reading the chunk a restored state was in: already counted
-      self.pos, self.restored_pos = self.restored_pos, None
-      return
-    self.pos = 0
-    while self.chunk["epoch"] > self.epoch:
+    self.next_batch = 0
+    for e in self.chunk["skipped_epochs"]:
+      self.skipped[str(int(e))] = self.skipped.get(str(int(e)), 0) + 1
+      self.skipped_total += 1
+
+  def _log_finished_epochs(self) -> None:
+    finished = self.chunks_done * self.chunk_length // self.epoch_length
+    while self.logged_epochs < finished:
+      count = self.skipped.pop(str(self.logged_epochs), 0)
       if self.log_skips:
         logging.info("training data, epoch %d: skipped %d persons with unreadable images (%d in all); %d records "
-                     "were left out when loading", self.epoch, self.skipped_epoch, self.skipped_total,
-                     self.load_skips)
-      self.epoch += 1
-      self.skipped_epoch = 0
-    self.skipped_epoch += self.chunk["skipped"]
-    self.skipped_total += self.chunk["skipped"]
+                     "were left out when loading", self.logged_epochs, count, self.skipped_total, self.load_skips)
+      self.logged_epochs += 1
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    out = self.examples.allocate(self.batch_size)
-    filled = 0
-    while filled < self.batch_size:
-      if self.chunk is None or self.pos >= len(self.chunk["crop"]):
-        self._next_chunk()
-        continue
-      k = min(self.batch_size - filled, len(self.chunk["crop"]) - self.pos)
-      crops = self.chunk["crop"][self.pos:self.pos + k]
-      # One table lookup over all k crops: (k*H, W, 3) uint8 -> float32 rows of the batch.
-      self.examples.normalize.apply(crops.reshape(-1, *crops.shape[2:]),
-                                    out=out["image"][filled:filled + k].reshape(-1, *crops.shape[2:]))
-      for i in range(k):
-        out["heatmaps"][filled + i], out["target_weight"][filled + i] = self.examples.codec.encode(
-            self.chunk["joints"][self.pos + i], self.chunk["visible"][self.pos + i])
-      filled += k
-      self.pos += k
-    return out
+    if self.chunk is None or self.next_batch >= len(self.chunk["image"]):
+      self._next_chunk()
+    m = self.next_batch
+    self.next_batch += 1
+    return {k: self.chunk[k][m].view(np.ndarray) for k in ("image", "heatmaps", "target_weight")}
 
   def get_state(self):
-    return dict(parent=self.parent_state, pos=self.pos if self.chunk is not None else -1, epoch=self.epoch,
-                skipped_epoch=self.skipped_epoch, skipped_total=self.skipped_total)
+    return dict(parent=self.parent_state, next_batch=self.next_batch if self.chunk is not None else -1,
+                chunks_done=self.chunks_done, skipped=dict(self.skipped), skipped_total=self.skipped_total,
+                logged_epochs=self.logged_epochs)
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
     self.parent_state = state["parent"]
     self.chunk = None
-    self.restored_pos = None if int(state["pos"]) < 0 else int(state["pos"])
-    self.pos = 0
-    self.epoch = int(state["epoch"])
-    self.skipped_epoch = int(state["skipped_epoch"])
+    self.next_batch = 0
+    self.chunks_done = int(state["chunks_done"])
+    self.skipped = {str(k): int(v) for k, v in state["skipped"].items()}
     self.skipped_total = int(state["skipped_total"])
+    self.logged_epochs = int(state["logged_epochs"])
+    if int(state["next_batch"]) >= 0:
+      # Re-read the chunk the state was in (already counted) and go on after the batches already handed out.
+      self.chunk = next(self._parent)
+      self.next_batch = int(state["next_batch"])
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -380,24 +407,28 @@ class TrainLoader:
   """
   dataset: grain.IterDataset
   plan: TrainPlan
-  batch_size: int
   num_records: int              # persons in the whole training set (all processes)
   skipped_at_load: int          # records the loaders left out as bad
-  shard_count: int
+
+  @property
+  def batch_size(self) -> int:
+    return self.plan.batch_size
 
   @property
   def steps_per_epoch(self) -> int:
-    """Steps of one pass over the training set with every process taking `batch_size` per step."""
-    return max(1, self.num_records // (self.batch_size * self.shard_count))
+    """Steps of one epoch (every process takes N // shard_count persons per epoch)."""
+    return max(1, self.plan.epoch_length // self.plan.batch_size)
 
   def __iter__(self) -> grain.DatasetIterator:
     return iter(self.dataset)
 
   def skip_counts(self, iterator) -> Dict[str, int]:
-    """Skip counters of an iterator of this loader, as of the batches it has returned: epoch,
+    """Skip counters of an iterator of this loader, as of the batches it has returned: epoch (the current one),
     skipped_this_epoch and skipped_total (persons with unreadable images), skipped_at_load (records left out)."""
     state = iterator.get_state()
-    return dict(epoch=int(state["epoch"]), skipped_this_epoch=int(state["skipped_epoch"]),
+    consumed = state["chunks_done"] * self.plan.chunk_length + max(0, state["next_batch"]) * self.plan.batch_size
+    epoch = consumed // self.plan.epoch_length
+    return dict(epoch=epoch, skipped_this_epoch=int(state["skipped"].get(str(epoch), 0)),
                 skipped_total=int(state["skipped_total"]), skipped_at_load=self.skipped_at_load)
 
 
@@ -424,9 +455,11 @@ def train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[in
     batch_size_per_process = int(config.train.batch_size) // shard_count
   num_workers = int(data.get("num_workers", 0) if num_workers is None else num_workers)
   seed = int(data.get("seed", 0) if seed is None else seed)
-  plan = TrainPlan(table, seed, int(shard_index), int(shard_count), int(data.get("chunk_units", 16)),
+  batch_size = int(batch_size_per_process)
+  batches_per_chunk = max(1, int(data.get("chunk_size", 128)) // batch_size)
+  plan = TrainPlan(table, seed, int(shard_index), int(shard_count), batch_size, batches_per_chunk,
                    bool(data.get("group_by_image", True)))
-  ds = _ChunkPlanDataset(plan).map(_ProcessChunk(data, table, seed))
+  ds = _ChunkPlanDataset(plan).map(_ProcessChunk(data, plan))
   if num_workers > 0 and data.get("worker_type", "process") == "process":
     _ensure_absl_flags_parsed()
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -437,8 +470,8 @@ def train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[in
     # Threads (or the main thread with num_workers=0): cv2 releases the GIL while decoding and warping.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,
                                               prefetch_buffer_size=num_workers * int(data.get("prefetch", 2))))
-  ds = _AssembleBatches(ds, data, int(batch_size_per_process), report.count)
-  return TrainLoader(ds, plan, int(batch_size_per_process), len(table), report.count, int(shard_count))
+  ds = _Batches(ds, plan, report.count, records_lib.skip_bad_records(data))
+  return TrainLoader(ds, plan, len(table), report.count)
 
 
 class _TrainExample(grain.transforms.Map):

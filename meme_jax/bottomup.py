@@ -138,17 +138,45 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 # Per-scale maps and aggregation (spec dem 4.2-4.3).
 
 
-def _resize(x, height: int, width: int):
-  """Bilinear, align_corners=False, no antialiasing (torch interpolate), NHWC."""
+def _linear_weights(size_in: int, size_out: int):
+  """Source indices and weights of 1-D linear interpolation with half-pixel centres (torch `interpolate(...,
+  align_corners=False)` to a given size): src = max((dst + 0.5) * in / out - 0.5, 0)."""
+  src = np.maximum((np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int32), size_in - 1)
+  i1 = np.minimum(i0 + 1, size_in - 1)
+  frac = (src - i0).astype(np.float32)
+  return i0, i1, frac
+
+
+def resize_bilinear(x, height: int, width: int):
+  """NHWC bilinear resize with torch's align_corners=False (no antialiasing), as two gathers and blends per axis:
+  O(output) work, where `jax.image.resize` contracts with dense (out, in) matrices (far slower on CPU)."""
   if x.shape[1] == height and x.shape[2] == width:
     return x
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear", antialias=False)
+  if x.shape[1] != height:
+    i0, i1, frac = _linear_weights(x.shape[1], height)
+    f = jnp.asarray(frac)[None, :, None, None]
+    x = jnp.take(x, i0, axis=1) * (1.0 - f) + jnp.take(x, i1, axis=1) * f
+  if x.shape[2] != width:
+    i0, i1, frac = _linear_weights(x.shape[2], width)
+    f = jnp.asarray(frac)[None, None, :, None]
+    x = jnp.take(x, i0, axis=2) * (1.0 - f) + jnp.take(x, i1, axis=2) * f
+  return x
+
+
+_resize = resize_bilinear
 
 
 def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGroups, *, flip: bool,
-                    average_quarter: bool, offset_factor):
+                    average_quarter: bool, offset_factor, with_tags: bool = True):
   """The network's four maps for an image (batch row 0) and, with `flip`, its mirror (row 1) -> heatmaps
-  (H_b, W_b, K), tags (H_b, W_b, K, 2), offsets (H_b, W_b, N_off) times `offset_factor`, at the base size."""
+  (H_b, W_b, K), tags (H_b, W_b, K, 2) (None without `with_tags`), offsets (H_b, W_b, N_off) times
+  `offset_factor`, at the base size.
+
+  The mirror is merged at 1/2 resolution and the merged maps are projected once: bilinear resizing commutes with
+  the mirror and with averaging, so this equals the original's order (project both, then merge) up to rounding,
+  with half the full-size memory traffic.
+  """
   off_q, off_h, ae_q, hm_h = outputs
   k = groups.num_points
   height, width = hm_h.shape[1:3]
@@ -158,17 +186,22 @@ def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGro
     heat = (heat + ae[..., :k]) / 2.0
   tags = ae[..., k:2 * k]
   offsets = (_resize(off_q, height, width) + off_h) / 2.0
-  heat, tags, offsets = (_resize(x, *base_hw) for x in (heat, tags, offsets))
   if flip:
     perm = groups.flip_permutation()
     heat = (heat[0] + heat[1, :, ::-1][..., perm]) / 2.0
-    tags = jnp.stack([tags[0], tags[1, :, ::-1][..., perm]], axis=-1)
+    tags = jnp.concatenate([tags[0], tags[1, :, ::-1][..., perm]], axis=-1)
     mirrored = offsets[1, :, ::-1][..., groups.offset_flip_permutation()]
     mirrored = jnp.where(jnp.asarray(groups.offset_x_channels()), -mirrored, mirrored)
     offsets = (offsets[0] + mirrored) / 2.0
   else:
-    heat, tags, offsets = heat[0], jnp.stack([tags[0], tags[0]], axis=-1), offsets[0]
-  return heat, tags, offsets * offset_factor
+    heat, tags, offsets = heat[0], jnp.concatenate([tags[0], tags[0]], axis=-1), offsets[0]
+  heat = _resize(heat[None], *base_hw)[0]
+  offsets = _resize(offsets[None], *base_hw)[0] * offset_factor
+  if not with_tags:
+    return heat, None, offsets
+  tags = _resize(tags[None], *base_hw)[0]
+  tags = jnp.stack([tags[..., :k], tags[..., k:]], axis=-1)
+  return heat, tags, offsets
 
 
 class Maps(NamedTuple):
@@ -232,8 +265,8 @@ class BottomUp:
     self.options = options or TestOptions.from_config(config)
     self.variables = variables
     self._apply_fn = apply_fn
-    self._scale_fn = jax.jit(self._scale_maps, static_argnames=("base_hw",))
-    self._combine_fn = jax.jit(self._combine, static_argnames=("base_hw",))
+    self._scale_fn = jax.jit(self._scale_maps, static_argnames=("base_hw", "with_tags"))
+    self._combine_fn = jax.jit(self._combine, static_argnames=("base_hw", "with_tags"))
 
   def _network(self, variables, image):
     batch = image[None]
@@ -241,12 +274,13 @@ class BottomUp:
       batch = jnp.concatenate([batch, batch[:, :, ::-1]], axis=0)
     return self._apply_fn(variables, batch)
 
-  def _combine(self, outputs, factor, *, base_hw):
+  def _combine(self, outputs, factor, *, base_hw, with_tags):
     return combine_outputs(outputs, base_hw, self.groups, flip=self.options.flip_test,
-                           average_quarter=self.options.average_quarter_heatmaps, offset_factor=factor)
+                           average_quarter=self.options.average_quarter_heatmaps, offset_factor=factor,
+                           with_tags=with_tags)
 
-  def _scale_maps(self, variables, image, factor, *, base_hw):
-    return self._combine(self._network(variables, image), factor, base_hw=base_hw)
+  def _scale_maps(self, variables, image, factor, *, base_hw, with_tags):
+    return self._combine(self._network(variables, image), factor, base_hw=base_hw, with_tags=with_tags)
 
   def scale_inputs(self, image: np.ndarray):
     """[(scale, normalised input (h, w, 3))] in the original's (descending) order, and (base size, centre, scale)."""
@@ -267,7 +301,8 @@ class BottomUp:
     per_scale = []
     for s, x in inputs:
       factor = offset_factor(self.options, s, base_size)
-      per_scale.append((s, *self._scale_fn(self.variables, jnp.asarray(x), jnp.float32(factor), base_hw=base_hw)))
+      per_scale.append((s, *self._scale_fn(self.variables, jnp.asarray(x), jnp.float32(factor), base_hw=base_hw,
+                                           with_tags=s == self.options.tag_scale)))
     heat, tags, offsets = aggregate(per_scale, self.options.tag_scale)
     return Maps(heat, tags, offsets, center, scale_wh, base_size)
 
@@ -282,7 +317,8 @@ class BottomUp:
     for s, outputs in outputs_per_scale:
       factor = offset_factor(self.options, s, base_size)
       outputs = tuple(jnp.asarray(o, jnp.float32) for o in outputs)
-      per_scale.append((s, *self._combine_fn(outputs, jnp.float32(factor), base_hw=base_hw)))
+      per_scale.append((s, *self._combine_fn(outputs, jnp.float32(factor), base_hw=base_hw,
+                                             with_tags=s == self.options.tag_scale)))
     heat, tags, offsets = aggregate(per_scale, self.options.tag_scale)
     return Maps(heat, tags, offsets, center, scale_wh, base_size)
 
@@ -339,31 +375,23 @@ def people_to_input(keypoints: np.ndarray, center, scale_wh, size) -> np.ndarray
 
 
 def upper_bound_predictions(config, records: Sequence[Dict[str, Any]], *, flip: Optional[bool] = None,
+                            scale_factors: Sequence[float] = (1.0,),
                             params: Optional[grouping.GroupingParams] = None) -> List[Dict[str, Any]]:
-  """GT people -> ideal network outputs at scale 1.0 (and the mirror with flip test) -> the full bottom-up
-  post-processing (combine, aggregate, group, back-project). `records`: dicts with 'image_id', 'height', 'width',
-  'keypoints' (N, J, 3) in the network's joint order (as `data_pipelines.bottomup.load_records`). Returns one dict per
-  image: image_id, keypoints (P, J, 3), scores (P,)."""
+  """GT people -> ideal network outputs at each of `scale_factors` (and the mirror with flip test) -> the full
+  bottom-up post-processing (combine, aggregate, group, back-project). `records`: dicts with 'image_id', 'height',
+  'width', 'keypoints' (N, J, 3) image pixels in the network's joint order. Returns one dict per image: image_id,
+  keypoints (P, J, 3), scores (P,)."""
   from meme_jax.codecs.dem import DEMCodec  # pylint: disable=import-outside-toplevel
   codec = DEMCodec.from_config(config)
-  options = dataclasses.replace(TestOptions.from_config(config), scale_factors=(1.0,))
+  options = dataclasses.replace(TestOptions.from_config(config), scale_factors=tuple(float(s) for s in scale_factors))
   if flip is not None:
     options = dataclasses.replace(options, flip_test=bool(flip))
   runner = BottomUp(config, None, None, params=params, options=options)
   results = []
   for record in records:
-    height, width = int(record["height"]), int(record["width"])
-    size, center, scale_wh = multi_scale_size(height, width, options.input_size, 1.0, 1.0)
-    keypoints = np.asarray(record["keypoints"], np.float64).reshape(-1, codec.num_joints, 3)
-    people = codec.add_centers(people_to_input(keypoints, center, scale_wh, size))
-    people = people[people[:, -1, 2] > 0]
-    tags = 1.0 + 3.0 * np.arange(len(people))
-    outputs = ideal_outputs(codec, people, (size[1], size[0]), tags, input_size=options.input_size)
-    if options.flip_test:
-      mirrored = ideal_outputs(codec, people, (size[1], size[0]), tags, flip=True, input_size=options.input_size)
-      outputs = tuple(np.concatenate(pair, axis=0) for pair in zip(outputs, mirrored))
-    maps = runner.maps_from_outputs([(1.0, outputs)], (height, width))
-    prediction = predict_from_maps(maps, runner.groups, runner.params)
+    image_hw = (int(record["height"]), int(record["width"]))
+    outputs = scene_outputs(codec, record["keypoints"], image_hw, options)
+    prediction = predict_from_maps(runner.maps_from_outputs(outputs, image_hw), runner.groups, runner.params)
     results.append(dict(image_id=record["image_id"], keypoints=prediction.keypoints, scores=prediction.scores))
   return results
 
@@ -464,3 +492,272 @@ def coco_ground_truth(keypoints_per_image: Sequence[np.ndarray], image_hws: Sequ
   return dict(images=images, annotations=annotations,
               categories=[dict(id=1, name="person", supercategory="person", keypoints=list(joint_names),
                                skeleton=[])])
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputNoise:
+  """Errors of a simulated imperfect network (`noisy_outputs`); lengths in units of the person's height.
+
+  Each labelled point gets a confidence c ~ U(min_confidence, 1) (its heatmap peak value) and its heatmap peak is
+  displaced by N(0, (location_sigma[0] + location_sigma[1] (1 - c)) h): unsure joints are also badly placed.
+  The offset field around a detected joint points from each pixel to the TRUE parent / centre plus N(0,
+  offset_sigma h) per window, as the training targets teach (a field "target - pixel", so reading it at a misplaced
+  peak carries the peak's error). Tags get N(0, tag_sigma) per joint. Heatmaps get N(0, heat_sigma) per pixel,
+  which breaks the exact ties of the codec's symmetric Gaussians that no trained network produces.
+  """
+  min_confidence: float = 0.3
+  location_sigma: Tuple[float, float] = (0.01, 0.06)
+  offset_sigma: float = 0.02
+  tag_sigma: float = 0.1
+  heat_sigma: float = 1e-3
+
+
+def noisy_outputs(codec, people: np.ndarray, input_hw: Tuple[int, int], person_tags: Sequence[float],
+                  rng: np.random.Generator, noise: OutputNoise, *, input_size: int, flip_test: bool = True):
+  """Network-like outputs (batch 2 with the mirror, or 1) for true people (N, K, 3) in input pixels, with the
+  errors of `noise` (the same draws in both mirror halves). See `ideal_outputs` for the layout."""
+  people = np.asarray(people, np.float64)
+  n, k = people.shape[:2]
+  labelled = people[..., 2] > 0
+  extent = np.array([np.ptp(p[labelled[i], :2], axis=0).max() if labelled[i].sum() > 1 else 1.0
+                     for i, p in enumerate(people)])
+  confidence = rng.uniform(noise.min_confidence, 1.0, (n, k))
+  sigma = (noise.location_sigma[0] + noise.location_sigma[1] * (1 - confidence)) * extent[:, None]
+  detected = people.copy()
+  detected[..., :2] += rng.normal(size=(n, k, 2)) * sigma[..., None]
+  # Per offset group: (joint, target points) with the targets' true positions plus the offset error.
+  targets = {}
+  for group in codec.offset_layout:
+    points = ([group.parent] if group.parent is not None else []) + [k - 1]
+    targets[group.joint] = {p: people[:, p, :2] + rng.normal(size=(n, 2)) * noise.offset_sigma * extent[:, None]
+                            for p in points}
+  tag_noise = rng.normal(size=(n, k)) * noise.tag_sigma
+
+  def render(flip: bool):
+    height, width = input_hw
+    side = max(height, width)
+    maps = {}
+    for stride in (4, 2):
+      r = side // stride
+      h, w = height // stride, width // stride
+
+      def to_map(points):
+        p = np.array(points, np.float64, copy=True)
+        p[..., :2] /= stride
+        if flip:
+          p = p[:, codec.flip_index]
+          p[..., 0] = w - 1 - p[..., 0]
+        return p
+
+      heat = np.zeros((r, r, k), np.float32)
+      for i in range(n):
+        heat = np.maximum(heat, codec.heatmaps(to_map(detected[i:i + 1]), r) * confidence[i][
+            codec.flip_index if flip else slice(None)].astype(np.float32))
+      heat = heat + (rng.normal(size=heat.shape) * noise.heat_sigma).astype(np.float32)
+      offsets = np.zeros((r, r, codec.num_offset_channels), np.float32)
+      for group in codec.offset_layout:
+        rows = detected.copy()
+        for point, xy in targets[group.joint].items():
+          rows[:, point, :2] = xy
+        rows[:, group.joint] = detected[:, group.joint]
+        rendered = codec.offsets(to_map(rows), r)
+        # In the mirrored frame this joint's channels sit where its mirror joint's do.
+        source = codec.flip_index[group.joint] if flip else group.joint
+        channel = [g for g in codec.offset_layout if g.joint == source][0].channel
+        offsets[..., channel:channel + group.num_channels] = rendered[..., channel:channel + group.num_channels]
+      offsets *= codec.offset_norm(r) * stride / codec.offset_norm(input_size)
+      tags = codec.tag_maps(to_map(detected), r, person_tags)
+      index = np.rint((tags - person_tags[0]) / (person_tags[1] - person_tags[0])).astype(np.int64) \
+          if n > 1 else np.zeros(tags.shape, np.int64)
+      channel_noise = tag_noise[:, codec.flip_index] if flip else tag_noise
+      tags = np.where(tags != 0, tags + channel_noise[np.clip(index, 0, n - 1), np.arange(k)], 0.0)
+      maps[stride] = (heat[:h, :w], offsets[:h, :w], tags[:h, :w].astype(np.float32))
+    quarter = np.concatenate([maps[4][0], maps[4][2]], axis=-1)
+    return (maps[4][1][None], maps[2][1][None], quarter[None], maps[2][0][None])
+
+  outputs = render(False)
+  if flip_test:
+    outputs = tuple(np.concatenate(pair, axis=0) for pair in zip(outputs, render(True)))
+  return outputs
+
+
+def scene_outputs(codec, keypoints: np.ndarray, image_hw: Tuple[int, int], options: TestOptions, *,
+                  rng: Optional[np.random.Generator] = None, noise: Optional[OutputNoise] = None,
+                  person_tags: Optional[Sequence[float]] = None) -> List[Tuple[float, Tuple[np.ndarray, ...]]]:
+  """[(scale, outputs)] a network would give for image keypoints (N, J, 3) at every test scale of `options`:
+  ideal outputs, or with `noise` (and `rng`) simulated errors (the same people, fresh draws per scale)."""
+  height, width = image_hw
+  min_scale = min(options.scale_factors)
+  keypoints = np.asarray(keypoints, np.float64).reshape(-1, codec.num_joints, 3)
+  result = []
+  for s in sorted(options.scale_factors, reverse=True):
+    size, center, scale_wh = multi_scale_size(height, width, options.input_size, s, min_scale)
+    people = codec.add_centers(people_to_input(keypoints, center, scale_wh, size))
+    people = people[people[:, -1, 2] > 0]
+    tags = person_tags if person_tags is not None else 1.0 + 3.0 * np.arange(len(people))
+    input_hw = (size[1], size[0])
+    if noise is None:
+      outputs = ideal_outputs(codec, people, input_hw, tags, input_size=options.input_size)
+      if options.flip_test:
+        mirrored = ideal_outputs(codec, people, input_hw, tags, flip=True, input_size=options.input_size)
+        outputs = tuple(np.concatenate(pair, axis=0) for pair in zip(outputs, mirrored))
+    else:
+      outputs = noisy_outputs(codec, people, input_hw, tags, rng, noise, input_size=options.input_size,
+                              flip_test=options.flip_test)
+    result.append((s, outputs))
+  return result
+
+
+def _coco_eval(gt: Dict[str, Any], predictions: Sequence[Prediction], sigmas) -> Dict[str, float]:
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  from pycocotools.coco import COCO  # pylint: disable=import-outside-toplevel
+  from meme_jax.metrics import coco as coco_metrics  # pylint: disable=import-outside-toplevel
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+  ids, keypoints, scores = [], [], []
+  for image, prediction in zip(gt["images"], predictions):
+    ids += [image["id"]] * len(prediction.scores)
+    keypoints += list(prediction.keypoints)
+    scores += list(prediction.scores)
+  num_joints = len(sigmas)
+  results = coco_metrics.results_json(ids, np.asarray(keypoints).reshape(-1, num_joints, 3), scores)
+  return coco_metrics.coco_keypoint_eval(coco, results, sigmas=sigmas)
+
+
+def grouping_benchmark(config, variants: Dict[str, grouping.GroupingParams], *, num_images: int = 8,
+                       num_people: int = 14, image_hw: Tuple[int, int] = (480, 640), seed: int = 0,
+                       noise: Optional[OutputNoise] = OutputNoise(), scale_factors: Sequence[float] = (1.0,),
+                       flip_test: bool = True, min_joint_distance: float = 28.0) -> Dict[str, Dict[str, float]]:
+  """COCO AP of several grouping settings on the same crowded synthetic scenes (`synthetic_scene`), from ideal
+  (`noise=None`) or simulated noisy network outputs: {variant: COCOeval stats}."""
+  from meme_jax import keypoints as keypoints_lib  # pylint: disable=import-outside-toplevel
+  from meme_jax.codecs.dem import DEMCodec  # pylint: disable=import-outside-toplevel
+  dataset = "coco" if config.data.dataset in ("coco", "synthetic") else config.data.dataset
+  codec = DEMCodec.from_config(config)
+  options = dataclasses.replace(TestOptions.from_config(config), scale_factors=tuple(scale_factors),
+                                flip_test=bool(flip_test))
+  runner = BottomUp(config, None, None, options=options)
+  rng = np.random.default_rng(seed)
+  scenes, all_maps = [], []
+  for _ in range(num_images):
+    scene = synthetic_scene(rng, num_people, image_hw, dataset=dataset, min_joint_distance=min_joint_distance)
+    scenes.append(scene)
+    outputs = scene_outputs(codec, scene, image_hw, options, rng=rng, noise=noise)
+    all_maps.append(runner.maps_from_outputs(outputs, image_hw))
+  gt = coco_ground_truth(scenes, [image_hw] * num_images, keypoints_lib.DATASETS[dataset]["joints"])
+  sigmas = np.asarray(config.data.oks_sigmas, np.float64) / 10.0
+  return {name: _coco_eval(gt, [predict_from_maps(m, runner.groups, params) for m in all_maps], sigmas)
+          for name, params in variants.items()}
+
+
+def time_postprocess(config, *, image_hw: Tuple[int, int] = (480, 640), num_people: int = 14, seed: int = 0,
+                     repeats: int = 3, network: bool = True, variables: Any = None,
+                     noise: Optional[OutputNoise] = OutputNoise()) -> Dict[str, Any]:
+  """Per-image wall time of the bottom-up post-processing (aggregation over scales and flips, candidates, grouping,
+  adjust and refine, back-projection) on a crowded synthetic scene, and of the network forward passes on an image
+  of the same size (all scales, with the mirror), on the default JAX device. Compile time is excluded (one warm-up
+  run). `variables` default to a random initialisation. Returns a JSON-able dict; times are medians in seconds."""
+  from meme_jax.codecs.dem import DEMCodec  # pylint: disable=import-outside-toplevel
+  options = TestOptions.from_config(config)
+  codec = DEMCodec.from_config(config)
+  rng = np.random.default_rng(seed)
+  dataset = "coco" if config.data.dataset in ("coco", "synthetic") else config.data.dataset
+  scene = synthetic_scene(rng, num_people, image_hw, dataset=dataset)
+  outputs = scene_outputs(codec, scene, image_hw, options, rng=rng, noise=noise)
+  runner = BottomUp(config, None, None, options=options)
+
+  def postprocess():
+    maps = runner.maps_from_outputs(outputs, image_hw)
+    t_maps = time.perf_counter()
+    jax.block_until_ready(maps.heatmaps)
+    prediction = predict_from_maps(maps, runner.groups, runner.params)
+    return prediction, time.perf_counter() - t_maps
+
+  def median(fn):
+    fn()
+    times, extra = [], []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      out = fn()
+      times.append(time.perf_counter() - start)
+      extra.append(out)
+    return float(np.median(times)), extra
+
+  post_s, runs = median(postprocess)
+  report = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), image_hw=list(image_hw),
+                people=int(len(scene)), scales=list(options.scale_factors), flip_test=options.flip_test,
+                postprocess_s=post_s, grouping_s=float(np.median([r[1] for r in runs])),
+                persons_found=int(len(runs[-1][0].scores)), repeats=repeats)
+  if network:
+    from meme_jax.models import build_model  # pylint: disable=import-outside-toplevel
+    model = build_model(config)
+    if variables is None:
+      size = tuple(config.data.image_size)
+      variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size[1], size[0], 3), jnp.float32), train=False)
+    net = BottomUp(config, lambda v, x: model.apply(v, x, train=False), variables, options=options)
+    image = rng.integers(0, 256, image_hw + (3,), dtype=np.uint8)
+    inputs, (base_size, _, _) = net.scale_inputs(image)
+    forward = jax.jit(net._network)  # pylint: disable=protected-access
+
+    def run_network():
+      for _, x in inputs:
+        jax.block_until_ready(forward(variables, jnp.asarray(x)))
+
+    report["network_s"], _ = median(run_network)
+    report["input_sizes"] = [list(x.shape[:2]) for _, x in inputs]
+    report["base_size"] = list(base_size)
+  return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/dem_w32_coco.py", help="configs/NAME.py[:ARG]")
+  parser.add_argument("--benchmark", action="store_true",
+                      help="time post-processing against the network per image; prints JSON")
+  parser.add_argument("--grouping-benchmark", action="store_true",
+                      help="COCO AP of grouping variants (MRM on/off, original parser) on crowded synthetic scenes")
+  parser.add_argument("--scales", default="", help="comma-separated test scales (default: the config's)")
+  parser.add_argument("--no-flip", action="store_true", help="without the flip test")
+  parser.add_argument("--size", default="480,640", help="image height,width")
+  parser.add_argument("--people", type=int, default=14)
+  parser.add_argument("--images", type=int, default=8, help="scenes for --grouping-benchmark")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-network", action="store_true", help="--benchmark: skip the network timing")
+  parser.add_argument("--ideal", action="store_true", help="ideal instead of noisy simulated outputs")
+  args = parser.parse_args(argv)
+  from meme_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config)
+  if args.scales:
+    config.test.scale_factors = tuple(float(s) for s in args.scales.split(","))
+  if args.no_flip:
+    config.test.flip_test = False
+  image_hw = tuple(int(v) for v in args.size.split(","))
+  noise = None if args.ideal else OutputNoise()
+  if not (args.benchmark or args.grouping_benchmark):
+    parser.error("give --benchmark and/or --grouping-benchmark")
+  report: Dict[str, Any] = dict(config=args.config)
+  if args.benchmark:
+    report["timing"] = time_postprocess(config, image_hw=image_hw, num_people=args.people, seed=args.seed,
+                                        repeats=args.repeats, network=not args.no_network, noise=noise)
+  if args.grouping_benchmark:
+    base = grouping.GroupingParams.from_config(config)
+    variants = {"default (mrm off)": dataclasses.replace(base, mrm=False),
+                "default + mrm": dataclasses.replace(base, mrm=True),
+                "original parser": grouping.GroupingParams.original(),
+                "original parser + mrm": grouping.GroupingParams.original(mrm=True)}
+    stats = grouping_benchmark(config, variants, num_images=args.images, num_people=args.people,
+                               image_hw=image_hw, seed=args.seed, noise=noise,
+                               scale_factors=config.test.scale_factors, flip_test=config.test.flip_test)
+    report["grouping"] = {name: {k: round(v, 4) for k, v in s.items() if k in ("AP", "AP .5", "AP .75", "AR")}
+                          for name, s in stats.items()}
+  print(json.dumps(report, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -62,15 +62,6 @@ def eval_protocol(config) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Device side.
 
-def _local_copy(tree: Any) -> Any:
-  """Host numpy copies of (possibly globally sharded, replicated) arrays."""
-  def get(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
-  return jax.tree.map(get, tree)
-
-
 def _as_heatmaps(output) -> jax.Array:
   if isinstance(output, (list, tuple)):
     if len(output) != 1:
@@ -123,10 +114,15 @@ class TopDownPredictor:
         out = out.reshape((images.shape[0], 2) + out.shape[1:])
         return out[:, 0], out[:, 1]
     self._heatmap_fn = heatmap_fn
-    self.variables = parallel.replicate_from_host(_local_copy(variables), self.mesh) if variables is not None \
-        else None
+    self.variables = None
+    if variables is not None:
+      self.set_variables(variables)
     out_sharding = (self._batch_sharding, self._batch_sharding)
     self._step = jax.jit(self._decode_step, out_shardings=out_sharding)
+
+  def set_variables(self, variables: Any) -> None:
+    """Places (new) model variables on the local devices, replicated; the compiled step is kept."""
+    self.variables = parallel.replicate_from_host(parallel.local_copy(variables), self.mesh)
 
   def _decode_step(self, variables, batch):
     heatmaps, flipped = self._heatmap_fn(variables, batch)
@@ -159,6 +155,23 @@ class TopDownPredictor:
     return np.concatenate([xy, np.asarray(maxvals, np.float64)[:n, :, None]], axis=-1)
 
 
+_PREDICTOR_CACHE: Dict[Any, TopDownPredictor] = {}
+
+
+def cached_predictor(config, apply_fn: ApplyFn) -> TopDownPredictor:
+  """One predictor (one compiled step) per apply_fn and decoding setup, so periodic evaluations compile once."""
+  key = (apply_fn, bool(_test(config, "flip_test", True)), bool(_test(config, "shift_heatmap", True)),
+         _test(config, "post_process", "quarter"), int(_test(config, "blur_kernel", 0) or 0),
+         tuple(config.data.image_size), tuple(config.data.heatmap_size), float(config.data.sigma),
+         tuple(tuple(p) for p in config.data.flip_pairs), float(config.data.get("pixel_std", 200.0)),
+         int(config.data.num_joints), tuple(jax.local_devices()))
+  if key not in _PREDICTOR_CACHE:
+    if len(_PREDICTOR_CACHE) >= 4:
+      _PREDICTOR_CACHE.pop(next(iter(_PREDICTOR_CACHE)))
+    _PREDICTOR_CACHE[key] = TopDownPredictor(config, apply_fn)
+  return _PREDICTOR_CACHE[key]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -187,12 +200,14 @@ def crop_batches(config, records: Sequence[Mapping[str, Any]], batch_size: int) 
 
 
 def run_predictor(predictor: TopDownPredictor, batches: Iterable[Mapping[str, np.ndarray]],
-                  records: Sequence[Mapping[str, Any]], timing: Optional[Dict[str, float]] = None) -> np.ndarray:
+                  records: Sequence[Mapping[str, Any]], timing: Optional[Dict[str, float]] = None, *,
+                  config=None) -> np.ndarray:
   """Runs every batch (keys: the predictor's inputs, `index` into `records`, optional `valid`) -> (N, J, 3).
 
   One batch is kept in flight: the host back-projects batch k while the devices compute batch k+1.
   """
-  num_joints = int(predictor.config.data.num_joints)
+  config = predictor.config if config is None else config
+  num_joints = int(config.data.num_joints)
   centers = _records_stack(records, "center", (2,))
   scales = _records_stack(records, "scale", (2,))
   keypoints = np.zeros((len(records), num_joints, 3), dtype=np.float64)
@@ -236,7 +251,7 @@ def run_predictor(predictor: TopDownPredictor, batches: Iterable[Mapping[str, np
   total = time.perf_counter() - start
   missing = np.flatnonzero(~filled)
   if missing.size:
-    if not predictor.config.data.get("skip_bad_records", False):
+    if not config.data.get("skip_bad_records", False):
       raise RuntimeError(f"the evaluation batches left {missing.size} of {len(records)} records without a "
                          f"prediction (first: record {missing[0]}, {records[missing[0]].get('image_file')})")
     # Skipped (unreadable) records predict nothing: no pose for COCO, a miss for every joint in PCKh.
@@ -341,21 +356,22 @@ def _gather_processes(local: np.ndarray, num_records: int) -> np.ndarray:
 
 def predict_records(predictor: TopDownPredictor, records: Sequence[Mapping[str, Any]],
                     batches: Optional[Iterable[Mapping[str, np.ndarray]]] = None,
-                    timing: Optional[Dict[str, float]] = None) -> np.ndarray:
+                    timing: Optional[Dict[str, float]] = None, *, config=None) -> np.ndarray:
   """Per-record image keypoints (N, J, 3) for all records; with several processes each runs its share.
 
   `batches` (crops or other predictor inputs with `index` into `records`) default to the data pipeline's crops.
   """
-  batch_size = predictor.padded_size(int(_test(predictor.config, "batch_size", 32)))
+  config = predictor.config if config is None else config
+  batch_size = predictor.padded_size(int(_test(config, "batch_size", 32)))
   if jax.process_count() > 1 and batches is None:
     share = _process_share(len(records))
     local_records = [records[i] for i in share]
-    local = run_predictor(predictor, crop_batches(predictor.config, local_records, batch_size), local_records,
-                          timing)
+    local = run_predictor(predictor, crop_batches(config, local_records, batch_size), local_records, timing,
+                          config=config)
     return _gather_processes(local, len(records))
   if batches is None:
-    batches = crop_batches(predictor.config, records, batch_size)
-  return run_predictor(predictor, batches, records, timing)
+    batches = crop_batches(config, records, batch_size)
+  return run_predictor(predictor, batches, records, timing, config=config)
 
 
 def evaluate_topdown(config, apply_fn: ApplyFn, variables: Any, records: Sequence[Mapping[str, Any]], *,
@@ -363,8 +379,9 @@ def evaluate_topdown(config, apply_fn: ApplyFn, variables: Any, records: Sequenc
                      details: bool = False, name: str = "val", predictor: Optional[TopDownPredictor] = None):
   """Evaluates a top-down model on `records` (person instances with boxes) -> dict of stats by name.
 
-  `apply_fn(variables, images) -> heatmaps NHWC` is jitted here (pass a reusable `predictor` to avoid a new
-  compile per call). `batches` replace the data pipeline's crops (dicts with `image`, `index`, optional `valid`).
+  `apply_fn(variables, images) -> heatmaps NHWC` is jitted here, once per `apply_fn` object and decoding setup:
+  pass the same `apply_fn` at every evaluation of a run and only the first one compiles (or pass a `predictor`).
+  `batches` replace the data pipeline's crops (dicts with `image`, `index`, optional `valid`).
   With `details=True` returns a `TopDownEvaluation` (stats, per-record keypoints, examples to draw, timings).
   """
   if not records:
@@ -372,8 +389,10 @@ def evaluate_topdown(config, apply_fn: ApplyFn, variables: Any, records: Sequenc
   start = time.perf_counter()
   timing: Dict[str, float] = {}
   if predictor is None:
-    predictor = TopDownPredictor(config, apply_fn, variables)
-  keypoints = predict_records(predictor, records, batches, timing)
+    predictor = cached_predictor(config, apply_fn)
+  if variables is not None:
+    predictor.set_variables(variables)
+  keypoints = predict_records(predictor, records, batches, timing, config=config)
   t_metric = time.perf_counter()
   result = evaluate_keypoints(config, records, keypoints, workdir=workdir, name=name)
   end = time.perf_counter()

@@ -26,8 +26,9 @@ Steps (each threshold comes from `GroupingParams`, i.e. from `config.test`):
 Fixed here against the original code (spec dem 8), each selectable where it changes the original's numbers
 (`GroupingParams.original()` reproduces the original parser):
 - I6: a limb joint is attached to a parent only within `parent_distance` pixels, and only if its predicted centre
-  agrees with that parent's person (`parent_center_check`); the original took any distance, so a limb whose own
-  parent was missed (its parent offset then points nowhere) was forced onto some other person's parent;
+  agrees with that parent's person (`parent_center_check`), and only if its parent offset is not ~0
+  (`min_parent_offset`: no parent offset is trained where the parent is unlabelled); the original took any distance,
+  so a limb whose own parent was missed was forced onto some other person's parent;
 - I8: persons without a centre (started by an unmatched torso joint) take no part in the centre fallback
   (the original gave them centre (0, 0), so limbs near the image origin could attach to them) -
   `centerless_fallback`;
@@ -193,6 +194,10 @@ class GroupingParams:
   # centre (when the person has one); else it goes to the centre fallback. Catches limbs whose own parent was not
   # detected (their parent offset points nowhere useful). The original had no such check.
   parent_center_check: bool = True
+  # A parent offset shorter than this (base-map pixels) carries no parent: training writes no parent offset where
+  # the parent is unlabelled (the codec's T6 fix), so such a limb joint would match whatever parent lies nearest to
+  # itself. These joints go to the centre fallback. 0 = the original (every candidate takes part).
+  min_parent_offset: float = 1.0
   centerless_fallback: bool = False   # I8: True lets centre-less persons (centre (0, 0)) take part, as the original
   dedupe_plateaus: bool = True        # keep one candidate per exactly-tied plateau inside an NMS window
   mrm: bool = False                   # Mutual Refine Machine before adjust (spec dem 4.7)
@@ -213,7 +218,7 @@ class GroupingParams:
   def original(cls, **overrides) -> "GroupingParams":
     """The parser of the original code: no parent distance limit, centre-less persons in the fallback, every
     plateau pixel a candidate, no MRM, no person cap."""
-    values = dict(parent_distance=math.inf, parent_center_check=False, centerless_fallback=True,
+    values = dict(parent_distance=math.inf, parent_center_check=False, min_parent_offset=0.0, centerless_fallback=True,
                   dedupe_plateaus=False, mrm=False, max_persons=0)
     values.update(overrides)
     return cls(**values)
@@ -315,11 +320,12 @@ def extract_candidates(heatmaps, tags, offsets, params: GroupingParams) -> Candi
   scores, xy, tags_at, offsets_at = jax.device_get(_peaks(
       heatmaps, tags, offsets, top_k=top_k, nms_kernel=params.nms_kernel,
       center_kernel=params.center_kernel(height, width), dedupe=params.dedupe_plateaus))
-  scores = np.asarray(scores, np.float64)
-  thresholds = np.full((k, 1), params.detection_threshold)
+  # Thresholds compare in float32, as the original's torch comparison does (0.1 in float32 is not > 0.1).
+  thresholds = np.full((k, 1), params.detection_threshold, np.float32)
   thresholds[-1] = params.center_threshold
-  return Candidates(scores, np.asarray(xy, np.int64), scores > thresholds, np.asarray(tags_at, np.float64),
-                    np.asarray(offsets_at, np.float64))
+  valid = np.asarray(scores, np.float32) > thresholds
+  return Candidates(np.asarray(scores, np.float64), np.asarray(xy, np.int64), valid,
+                    np.asarray(tags_at, np.float64), np.asarray(offsets_at, np.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,12 +350,12 @@ def greedy_match(dist2: np.ndarray, max_dist: float = math.inf) -> List[Tuple[in
 
 
 def hungarian_match(dist2: np.ndarray, max_dist: float = math.inf) -> List[Tuple[int, int]]:
-  """Minimum total distance assignment; pairs farther than `max_dist` are dropped. Rows in ascending order."""
+  """Most pairs within `max_dist`, and among those the minimum total distance (pairs farther cost 1e6, more than
+  any sum of real distances; they are dropped from the result). Rows in ascending order."""
   if dist2.size == 0:
     return []
   dist = np.sqrt(dist2)
-  big = 1e6 if not math.isfinite(max_dist) else max_dist * 4 + 1.0
-  rows, cols = linear_sum_assignment(np.minimum(dist, big))
+  rows, cols = linear_sum_assignment(np.where(dist <= max_dist, dist, 1e6))
   return [(int(r), int(c)) for r, c in zip(rows, cols) if dist[r, c] <= max_dist]
 
 
@@ -469,6 +475,7 @@ def assemble(cands: Candidates, groups: JointGroups, params: GroupingParams) -> 
         far = np.sum((xy[:, None, :] + to_centre[:, None, :] - owner_centres[None, :, :]) ** 2, axis=-1)
         far = far > params.le_distance ** 2
         dist2[far & np.array([people.has_center[p] for p in parent_ids])[None, :]] = np.inf
+      dist2[np.hypot(to_parent[:, 0], to_parent[:, 1]) < params.min_parent_offset] = np.inf
       for r, c in _match(dist2, params.parent_distance, params.limb_matching):
         pid = parent_ids[c]
         people.joints[pid][j] = (*xy[r], cands.scores[j, idx[r]], *to_parent[r])
@@ -576,9 +583,11 @@ def _refine_search(heatmaps, tags, joint_ids, prev_tags):
 
   def one(args):
     k, prev = args
-    heat = heat_cf[k]
-    dist = jnp.sqrt(jnp.sum((tags_cf[k] - prev[:, None, None]) ** 2, axis=0))
-    flat = jnp.argmax((heat - jnp.round(dist)).ravel())
+    heat, tag = heat_cf[k], tags_cf[k]
+    # The sum over tag samples written out (T is static): XLA on CPU runs this several times faster than a
+    # broadcast reduction over the leading axis.
+    dist2 = sum((tag[t] - prev[t]) ** 2 for t in range(tag.shape[0]))
+    flat = jnp.argmax((heat - jnp.round(jnp.sqrt(dist2))).ravel())
     y, x = flat // width, flat % width
     dx, dy = _quarter_shift(lambda yy, xx: heat[yy, xx], x, y, width, height)
     return jnp.stack([x + 0.5 + dx, y + 0.5 + dy, heat[y, x]])

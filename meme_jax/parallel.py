@@ -140,6 +140,18 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(get, tree)
 
 
+def local_value(x: Any) -> np.ndarray:
+  """A replicated (or fully addressable) array as numpy on this process, without communication."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def local_copy(tree: Any) -> Any:
+  """`local_value` of every leaf: host copies of replicated state."""
+  return jax.tree.map(local_value, tree)
+
+
 def sync_processes(name: str) -> None:
   """A barrier across processes (no-op with one process)."""
   if jax.process_count() > 1:

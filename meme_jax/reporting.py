@@ -276,6 +276,13 @@ def _format_seconds(seconds: float) -> str:
   return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
+def end_profile(action) -> None:
+  """Stops a `periodic_actions.Profile` session still running when the loop ends (short runs)."""
+  if isinstance(action, periodic_actions.Profile) and getattr(action, "_session_running", False):
+    from clu import profiler  # pylint: disable=import-outside-toplevel
+    action._end_session(profiler.stop())  # pylint: disable=protected-access
+
+
 def parameter_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 

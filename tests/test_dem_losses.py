@@ -178,8 +178,26 @@ def test_dem_loss_stage_gates():
   outputs, batch = random_outputs_and_batch(seed=3)
   config = loss_config(with_heatmaps_loss=(True, False), with_ae_loss=(False, False))
   loss, aux = jax.jit(lambda o, b: dem_losses.dem_loss(o, b, config))(outputs, batch)
-  assert set(aux) == {"heatmaps_loss_0", "offsets_loss_0"}
+  assert set(aux) == set(dem_losses.LOSS_TERMS)
+  assert all(float(aux[k]) == 0 for k in ("heatmaps_loss_1", "offsets_loss_1", "push_loss", "pull_loss"))
+  assert float(aux["heatmaps_loss_0"]) > 0 and float(aux["offsets_loss_0"]) > 0
   np.testing.assert_allclose(float(loss), float(aux["heatmaps_loss_0"] + aux["offsets_loss_0"]), rtol=1e-6)
+
+
+def test_train_metrics_average_the_terms():
+  outputs, batch = random_outputs_and_batch(seed=5)
+  config = loss_config()
+  fn = jax.jit(lambda o, b: dem_losses.dem_loss_and_metrics(o, b, config))
+  loss_a, metrics_a = fn(outputs, batch)
+  outputs_b, _ = random_outputs_and_batch(seed=6)
+  loss_b, metrics_b = fn(outputs_b, batch)
+  values = metrics_a.merge(metrics_b).compute()
+  np.testing.assert_allclose(float(values["loss"]), (float(loss_a) + float(loss_b)) / 2, rtol=1e-6)
+  loss_fn = jax.jit(lambda o, b: dem_losses.dem_loss(o, b, config))
+  _, aux_a = loss_fn(outputs, batch)
+  _, aux_b = loss_fn(outputs_b, batch)
+  for name in dem_losses.LOSS_TERMS:
+    np.testing.assert_allclose(float(values[name]), (float(aux_a[name]) + float(aux_b[name])) / 2, rtol=1e-5)
 
 
 def test_dem_loss_gradient_is_finite_for_single_person_images():

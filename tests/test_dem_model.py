@@ -8,6 +8,7 @@ import functools
 import io
 import lzma
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,17 @@ OUTPUT_NAMES = ("off_quarter", "off_half", "ae_quarter", "hm_half")
 HEAD_PREFIXES = ("stem1.", "stem2.", "final_layers_", "deconv_layers_")
 
 
+def _flatten(tree, prefix=()):
+  """{path tuple: leaf} of a nested dict of arrays."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
 @functools.lru_cache(maxsize=None)
 def _abstract_model(spec: str):
   """(output shapes, {collection: {path: shape}}) of a config's model at its input size, from one trace."""
@@ -33,7 +45,7 @@ def _abstract_model(spec: str):
   images = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
   outputs, variables = jax.eval_shape(
       lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False), images)
-  shapes = {c: {p: tuple(v.shape) for p, v in convert._flatten(t).items()}  # pylint: disable=protected-access
+  shapes = {c: {p: tuple(v.shape) for p, v in _flatten(t).items()}
             for c, t in variables.items()}
   return outputs, shapes
 
@@ -117,12 +129,14 @@ def test_variables_match_original_state_dict_keys():
   """Every key of the original W32 state_dict has a variable of the right shape, and nothing else exists."""
   template = _abstract_model("configs/dem_w32_coco.py")[1]
   expected = {"params": {}, "batch_stats": {}}
+  state_dict = {}
   with open(shared_path("spec", "dem_w32_512_state_dict.tsv")) as f:
     for line in f:
       key, shape_text = line.rstrip("\n").split("\t")
       if key.endswith("num_batches_tracked"):
         continue
       shape = tuple(int(s) for s in shape_text.split("x"))
+      state_dict[key] = np.broadcast_to(np.float32(0), shape)   # a zero-cost stand-in tensor
       collection, path = convert.flax_location(key, len(shape))
       if len(shape) == 4:
         shape = tuple(shape[i] for i in (2, 3, 1, 0))
@@ -131,6 +145,9 @@ def test_variables_match_original_state_dict_keys():
   assert len(expected["params"]) + len(expected["batch_stats"]) == 1976 - 328
   for collection in ("params", "batch_stats"):
     assert template[collection] == expected[collection]
+  # The converter itself places every tensor (strict: nothing missing, unexpected or misshapen).
+  placed = convert.match_state_dict(state_dict, template, strict=True)
+  assert sum(len(v) for v in placed.values()) == len(state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,10 +228,10 @@ def test_bfloat16_compute(tiny_config, tiny_variables, reference):
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
 
 
-def test_train_mode_uses_batch_statistics(tiny_config, tiny_variables, tiny_apply):
+def test_train_mode_uses_batch_statistics(tiny_config, tiny_variables, tiny_apply, reference):
   """train=True normalises with batch statistics and returns updated running statistics."""
   model = build_model(tiny_config)
-  images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+  images = reference["input_nchw"].transpose(0, 2, 3, 1)
   outputs, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
       tiny_variables, images)
   assert all(np.all(np.isfinite(o)) for o in outputs)
@@ -226,24 +243,44 @@ def test_train_mode_uses_batch_statistics(tiny_config, tiny_variables, tiny_appl
   assert not np.allclose(old, new)
 
 
+class _InitProbe(nn.Module):
+  """One of each initialised layer kind, made the way DEM makes them (small, so init compiles quickly)."""
+  options: hrnet.LayerOptions
+
+  @nn.compact
+  def __call__(self, x):
+    o = self.options
+    a = o.conv(32, 3, 2, in_features=x.shape[-1], name="conv3x3")(x)
+    b = o.conv(18, 1, in_features=x.shape[-1], use_bias=True, name="final")(x)
+    c = o.conv_transpose(8, 4, name="deconv")(x)
+    return a, b, c
+
+
+def _probe_params(options, x):
+  # An 'rbg' key: threefry random bits take many seconds to compile on CPU.
+  return jax.jit(_InitProbe(options).init)(jax.random.key(0, impl="rbg"), x)["params"]
+
+
 def test_initialisation_follows_torch_and_upstream(tiny_config):
   import torch  # pylint: disable=import-outside-toplevel
-  model = build_model(tiny_config)
-  images = jnp.zeros((1, 32, 32, 3))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
+  x = jnp.zeros((1, 8, 8, 50))
+  params = _probe_params(build_model(tiny_config).options, x)
   # PyTorch default init: U(-b, b) with b = 1/sqrt(fan_in), torch's fan-in rule (ConvTranspose: weight dim 1).
-  for kernel, layer in ((params["layer1_0"]["conv2"]["kernel"], torch.nn.Conv2d(64, 64, 3)),
-                        (params["deconv_layers_off_0_0_0"]["kernel"], torch.nn.ConvTranspose2d(50, 8, 4)),
-                        (params["final_layers_ae_1"]["bias"], torch.nn.Conv2d(8, 18, 1))):
-    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)  # pylint: disable=protected-access
+  for values, layer in ((params["conv3x3"]["kernel"], torch.nn.Conv2d(50, 32, 3)),
+                        (params["final"]["bias"], torch.nn.Conv2d(50, 18, 1)),
+                        (params["deconv"]["kernel"], torch.nn.ConvTranspose2d(50, 8, 4))):
+    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
     bound = 1.0 / np.sqrt(fan_in)
-    assert np.max(np.abs(kernel)) <= bound
-    assert np.max(np.abs(kernel)) > 0.8 * bound
+    assert np.max(np.abs(values)) <= bound
+    assert np.max(np.abs(values)) > 0.8 * bound
+  assert params["deconv"]["kernel"].shape == (4, 4, 8, 50)   # torch (50, 8, 4, 4) after OIHW -> HWIO
+
   config = meme_jax.load_config(TINY)
   config.model.init = "normal"
-  params = jax.jit(build_model(config).init)(jax.random.PRNGKey(0), images)["params"]
-  assert abs(float(np.std(params["layer1_0"]["conv2"]["kernel"])) - 0.001) < 1e-4
-  assert not np.any(params["final_layers_off_0"]["bias"])
+  params = _probe_params(build_model(config).options, x)
+  for name in ("conv3x3", "deconv"):
+    assert abs(float(np.std(params[name]["kernel"])) - 0.001) < 1e-4
+  assert not np.any(params["final"]["bias"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,8 +346,8 @@ def test_imagenet_backbone_subset(tmp_path, tiny_checkpoint, tiny_config, tiny_v
 
   torch.save({"module." + k: v for k, v in imagenet.items()}, tmp_path / "hrnet_imagenet.pth")
   loaded = hrnet.backbone_variables_from_torch(str(tmp_path / "hrnet_imagenet.pth"), tiny_config)
-  flat = convert._flatten(loaded)  # pylint: disable=protected-access
-  flat_all = convert._flatten(tiny_variables)  # pylint: disable=protected-access
+  flat = _flatten(loaded)
+  flat_all = _flatten(tiny_variables)
   heads = ("stem1_", "stem2_", "final_layers_", "deconv_layers_")
   assert set(flat) == {p for p in flat_all if not p[1].startswith(heads)}
   for path, value in flat.items():
@@ -320,7 +357,7 @@ def test_imagenet_backbone_subset(tmp_path, tiny_checkpoint, tiny_config, tiny_v
   spec = hrnet.HRNetSpec.from_config(tiny_config.model)
   backbone = hrnet.HigherHRNetBackbone(spec)
   shapes = jax.eval_shape(lambda x: backbone.init(jax.random.PRNGKey(0), x), jnp.zeros((1, 64, 64, 3)))
-  assert {(c,) + p for c, t in shapes.items() for p in convert._flatten(t)} == set(flat)  # pylint: disable=protected-access
+  assert {(c,) + p for c, t in shapes.items() for p in _flatten(t)} == set(flat)
 
   # Non-strict loading still rejects a backbone of another width.
   other = meme_jax.load_config(TINY)

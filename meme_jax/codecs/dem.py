@@ -19,6 +19,8 @@ Targets follow the original generators except for three defects (spec 8), each f
   (`ljg_parents`, default joint index - 2, which is what COCO, CrowdPose and MPII in the original's joint order use), and
   one offset target per resolution is produced for every dataset (the original CrowdPose loader expected two).
 Neither flag changes anything a converted checkpoint computes; they exist to reproduce the original training targets.
+Also different from the original, without a flag: AE index lists hold only people with a listed point, and people
+beyond `max_people` of them are left out of the AE loss (the original raised an IndexError past 30 annotations, T12).
 
 Kept as in the original: integer truncation `int(x)` of positions (so x in (-1, 0) lands on column 0), a Gaussian of
 size 6*sigma+3 merged by element-wise max, the offset window of half-size tau = 7 at every resolution, offsets
@@ -237,8 +239,8 @@ class DEMCodec:
     r = int(resolution)
     z = self.offset_norm(r)
     tau = self.tau
-    sums = np.zeros((r, r, self.num_offset_channels), dtype=np.float64)
-    counts = np.zeros((r, r, self.num_offset_channels), dtype=np.float64)
+    sums = np.zeros((r, r, self.num_offset_channels), dtype=np.float32)
+    counts = np.zeros((r, r, self.num_offset_channels), dtype=np.float32)
     xy, ok = self._inside(people, r)
     center = self.num_points - 1
     overwrite = self.original_offset_overlap
@@ -272,10 +274,12 @@ class DEMCodec:
             sums[y0:y1, x0:x1, ch] += dy
             sums[y0:y1, x0:x1, ch + 1] += dx
           counts[y0:y1, x0:x1, ch:ch + 2] += 1
-    maps = (sums / np.maximum(counts, 1)).astype(np.float32)
+    written = counts.astype(np.int32) if return_counts else None
+    np.maximum(counts, 1.0, out=counts)
+    sums /= counts
     if return_counts:
-      return maps, counts.astype(np.int32)
-    return maps
+      return sums, written
+    return sums
 
   def ae_index_list(self, people: np.ndarray, resolution: int) -> np.ndarray:
     """(N, K, 3) people -> (max_people, K, 2) int32 rows of (k * r^2 + y * r + x, 1) (spec 2.5).

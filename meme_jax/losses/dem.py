@@ -11,7 +11,11 @@ divided 0 by 0 there (spec 8 T3), which made the loss and every gradient NaN for
 """
 from typing import Dict, Sequence, Tuple
 
+from clu import metrics as clu_metrics
+import flax
 import jax.numpy as jnp
+
+LOSS_TERMS = ("heatmaps_loss_0", "heatmaps_loss_1", "offsets_loss_0", "offsets_loss_1", "push_loss", "pull_loss")
 
 
 def heatmap_loss(heatmaps, targets, mask, center_weight: float = 5.0):
@@ -116,7 +120,8 @@ def dem_loss(outputs, batch: Dict[str, jnp.ndarray], config) -> Tuple[jnp.ndarra
     config: the experiment config (reads `config.loss`).
   Returns:
     (loss, aux): the float32 scalar loss and the weighted terms `heatmaps_loss_0/1`, `offsets_loss_0/1`,
-    `push_loss`, `pull_loss` (each already multiplied by its factor, as the original logs them).
+    `push_loss`, `pull_loss` (each already multiplied by its factor, as the original logs them; 0 when its stage or
+    the AE loss is switched off).
   """
   loss_cfg = config.loss
   off_quarter, off_half, ae_quarter, hm_half = outputs
@@ -131,7 +136,7 @@ def dem_loss(outputs, batch: Dict[str, jnp.ndarray], config) -> Tuple[jnp.ndarra
   center_weight = float(loss_cfg.get("center_heatmap_weight", 5.0))
 
   predictions = ((ae_quarter[..., :num_points], off_quarter), (hm_half, off_half))
-  aux = {}
+  aux = {name: jnp.zeros((), jnp.float32) for name in LOSS_TERMS}
   total = jnp.zeros((), jnp.float32)
   for s, (hm_pred, off_pred) in enumerate(predictions):
     if s >= len(with_hm) or not with_hm[s]:
@@ -150,3 +155,21 @@ def dem_loss(outputs, batch: Dict[str, jnp.ndarray], config) -> Tuple[jnp.ndarra
     aux["pull_loss"] = pull
     total = total + push + pull
   return total, aux
+
+
+@flax.struct.dataclass
+class DEMTrainMetrics(clu_metrics.Collection):
+  """Training metrics of the DEM loss: the averages of the loss and of each weighted term over logged steps."""
+  loss: clu_metrics.Average.from_output("loss")
+  heatmaps_loss_0: clu_metrics.Average.from_output("heatmaps_loss_0")
+  heatmaps_loss_1: clu_metrics.Average.from_output("heatmaps_loss_1")
+  offsets_loss_0: clu_metrics.Average.from_output("offsets_loss_0")
+  offsets_loss_1: clu_metrics.Average.from_output("offsets_loss_1")
+  push_loss: clu_metrics.Average.from_output("push_loss")
+  pull_loss: clu_metrics.Average.from_output("pull_loss")
+
+
+def dem_loss_and_metrics(outputs, batch, config) -> Tuple[jnp.ndarray, DEMTrainMetrics]:
+  """`dem_loss` and its `DEMTrainMetrics` for one (micro-)batch, for the trainer's jitted step."""
+  loss, aux = dem_loss(outputs, batch, config)
+  return loss, DEMTrainMetrics.single_from_model_output(loss=loss, **aux)

@@ -15,12 +15,11 @@ Fuse up-sampling (spec dem 1.3): the double-embedding code resizes lower-resolut
 import dataclasses
 import math
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from meme_jax.models.layers import BatchNorm
 
@@ -378,6 +377,3 @@ def backbone_variables_from_torch(path: str, config) -> Dict[str, Any]:
     raise convert.CheckpointMismatchError(f"{path}: no HRNet backbone keys (conv1, layer1, stageN, ...) found")
   return convert.variables_from_state_dict(subset, config, strict=False, source=path)
 
-
-def count_parameters(params) -> int:
-  return int(sum(np.prod(np.shape(v)) for v in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,155 @@
+r"""Command line: train, evaluate, or inspect a model from an ml_collections config.
+
+  python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic --workdir /tmp/p0_synthetic
+  python -m meme_jax.main --config configs/eeffpose_p0.py --workdir workdir/p0 --config.train.batch_size=32
+  python -m meme_jax.main --config configs/eeffpose_p0.py --workdir workdir/p0 --mode evaluate
+  python -m meme_jax.main --config configs/eeffpose_p0.py --mode parameters
+
+Modes:
+  train       train (resuming from the newest complete checkpoint in --workdir), evaluate after each
+              `train.eval_every_epochs` epochs and at the end; print the final metric and the mean-pose baseline,
+              and write WORKDIR/summary.json.
+  evaluate    evaluate the best (--checkpoint=best) or latest checkpoint of --workdir, or `config.init.checkpoint`
+              when the workdir has none; write WORKDIR/eval.json.
+  baseline    evaluate the mean-pose baseline only.
+  parameters  print the parameter table of the model.
+
+Several hosts: start the same command on every host with --coordinator_address=HOST:PORT, --num_processes=N and
+--process_id=i (or under SLURM / Open MPI / a TPU pod, where they are read from the environment). Two local CPU
+processes as two hosts:
+
+  python -m meme_jax.main --config ... --workdir DIR --coordinator_address=127.0.0.1:12345 \
+      --num_processes=2 --process_id=0 &
+  python -m meme_jax.main --config ... --workdir DIR --coordinator_address=127.0.0.1:12345 \
+      --num_processes=2 --process_id=1
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from meme_jax import config as config_lib
+
+FLAGS = flags.FLAGS
+MODES = ("train", "evaluate", "baseline", "parameters")
+
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with an argument: configs/NAME.py[:ARG]. Override any "
+    "field with --config.SECTION.FIELD=VALUE.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results and summary.json.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do (see the module docstring).")
+flags.DEFINE_enum("checkpoint", "best", ("best", "latest"), "Which checkpoint --mode=evaluate uses.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", 0, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index.")
+flags.DEFINE_list("local_device_ids", [], "Multi-host: the local devices this process uses (default: all).")
+
+
+def _print(text: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def _format_stats(stats) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in stats.items())
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Before anything touches a device.
+  from meme_jax import parallel  # pylint: disable=import-outside-toplevel
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                  [int(i) for i in FLAGS.local_device_ids])
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/eeffpose_p0.py:synthetic")
+  from meme_jax import train  # pylint: disable=import-outside-toplevel
+
+  if FLAGS.mode == "parameters":
+    from meme_jax import reporting  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    task = train.get_task(config)
+    model = task.build_model(config)
+    variables = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+        jax.numpy.zeros((1,) + train.input_shape(config)), train=False))
+    print(reporting.log_parameter_overview(dict(variables)))
+    return
+
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
+  workdir = os.path.abspath(FLAGS.workdir)
+
+  if FLAGS.mode == "baseline":
+    task = train.get_task(config)
+    stats = task.baseline(workdir)
+    if stats is None:
+      raise app.UsageError(f"config.model.name={config.model.name!r} has no baseline")
+    _print(f"mean-pose baseline: {_format_stats(stats)}")
+    return
+
+  if FLAGS.mode == "evaluate":
+    result = train.evaluate_run(config, workdir, FLAGS.checkpoint)
+    where = f"step {result['step']}" if result["step"] is not None else config.init.checkpoint
+    _print(f"{result['metric']} {result[result['metric']]:.4f} ({where}); {_format_stats(result['stats'])}")
+    return
+
+  summary = train.train_and_evaluate(config, workdir)
+  if summary.get("preempted"):
+    _print(f"stopped at step {summary['step']} of {summary['total_steps']} on a preemption request; run the same "
+           f"command again to resume from the checkpoint in {workdir}")
+    sys.exit(143)
+  metric = summary["metric"]
+  line = f"{metric} {summary[metric]:.4f}"
+  baseline_key = f"baseline_{metric}"
+  if summary.get(baseline_key) is not None:
+    base = summary[baseline_key]
+    ratio = summary[metric] / base if base > 0 else float("inf")
+    line += f"  (mean-pose baseline {metric} {base:.4f}; {ratio:.2f}x)"
+  _print(line)
+  _print(f"{_format_stats(summary['stats'])}")
+  _print(f"{summary['step']} steps in {summary['wall_time_s']:.0f}s wall ({summary['compile_s']:.0f}s compile, "
+         f"{summary['train_s']:.0f}s training, {summary['eval_s']:.0f}s evaluation); "
+         f"summary: {os.path.join(workdir, 'summary.json')}")
+  logging.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+
+
+def _resolve_config_argument(argv):
+  """Lets `--config configs/NAME.py[:ARG]` work from any directory (paths fall back to the repository root)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    value, prefix = None, None
+    if arg.startswith("--config="):
+      prefix, value = "--config=", arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(out):
+      prefix, value = None, out[i + 1]
+    if value is None:
+      continue
+    path, sep, rest = value.partition(":")
+    try:
+      path = config_lib.resolve_config_path(path)
+    except FileNotFoundError:
+      continue
+    resolved = path + sep + rest
+    if prefix:
+      out[i] = prefix + resolved
+    else:
+      out[i + 1] = resolved
+  return out
+
+
+def run() -> None:
+  # Config files import `configs.common`; the repository root must be importable wherever we run from.
+  if config_lib.REPO_ROOT not in sys.path:
+    sys.path.insert(0, config_lib.REPO_ROOT)
+  app.run(main, argv=_resolve_config_argument(sys.argv))
+
+
+if __name__ == "__main__":
+  run()

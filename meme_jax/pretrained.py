@@ -1,0 +1,171 @@
+"""Backbone initialisation of EEffPose from the public PyTorch weights the original training started from.
+
+The original `get_pose_net` (spec eeffpose 3) initialises, in this order:
+1. the whole timm backbone from the ImageNet classification weights (`tf_efficientnet_b0_aa` / `b2_aa`); the
+   copied HRB branches are deep copies taken afterwards, so every copy of stage2[-1] / stage4[-1] carries those
+   ImageNet weights;
+2. then the stem and the original stage branches from the EfficientDet-AP detector's backbone
+   (`tf_efficientdet_d0_ap` / `d2_ap`, keys `backbone.*`); the copies, the fuse layers, the neck and the head are
+   not touched.
+
+`init_pretrained(variables, config)` replays this with `config.init.backbone_copies` (the timm file) and
+`config.init.backbone` (the EfficientDet file); either may be empty. The mapping functions return state_dicts in
+the pose model's own key namespace, which `meme_jax.convert.variables_from_state_dict(sd, config, strict=False)`
+places and `meme_jax.convert.merge_variables` merges.
+
+Where to get the files (the original code downloads them; these machines have no internet):
+- EfficientDet-AP: https://github.com/rwightman/efficientdet-pytorch/releases/download/v0.1/tf_efficientdet_d0_ap-d0cdbd0a.pth
+  and .../v0.1/tf_efficientdet_d2_ap-a2995c19.pth (the `url` of `tf_efficientdet_d0_ap` / `d2_ap` in effdet's
+  model_config.py). Use d2 for P2, also for MPII (the original MPII-P2 yaml points at d0 by mistake).
+- ImageNet: timm's `tf_efficientnet_b0_aa-827b6e33.pth` and `tf_efficientnet_b2_aa-60c94f97.pth`, released under
+  https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/ (the `url` of
+  `tf_efficientnet_b0_aa` / `b2_aa` in timm 0.4.9). The non-AA `tf_efficientnet_b0` weights have the same keys.
+Reading them needs torch (`pip install 'meme_jax[convert]'`).
+"""
+import re
+from typing import Any, Dict, List, Mapping, Tuple
+
+from meme_jax import convert
+from meme_jax.models.efficientnet import BlockSpec, efficientnet_stages
+from meme_jax.models.eeffnet import BRANCH_STAGES
+
+_BN = ("weight", "bias", "running_mean", "running_var")
+_SE = ("se.conv_reduce.weight", "se.conv_reduce.bias", "se.conv_expand.weight", "se.conv_expand.bias")
+
+
+def block_tensor_names(spec: BlockSpec) -> Tuple[str, ...]:
+  """The float tensors of one timm block, relative to the block (num_batches_tracked excluded)."""
+  if spec.kind == "ds":
+    return (("conv_dw.weight",) + tuple(f"bn1.{b}" for b in _BN) + _SE + ("conv_pw.weight",)
+            + tuple(f"bn2.{b}" for b in _BN))
+  return (("conv_pw.weight",) + tuple(f"bn1.{b}" for b in _BN) + ("conv_dw.weight",)
+          + tuple(f"bn2.{b}" for b in _BN) + _SE + ("conv_pwl.weight",) + tuple(f"bn3.{b}" for b in _BN))
+
+
+def _model_backbone(config) -> Tuple[str, bool, Tuple[Tuple[BlockSpec, ...], ...]]:
+  m = config.model
+  backbone = m.get("backbone", "eeffnet")
+  if backbone not in ("eeffnet", "efficientnet"):
+    raise ValueError(f"config.model.backbone={backbone!r}: expected 'eeffnet' or 'efficientnet'")
+  return backbone, bool(m.get("recurrent", False)), efficientnet_stages(m.get("efficientnet", "b0"))
+
+
+def _stage_branch(stage: int) -> int:
+  """Index of the original stage's branch in its HRB: 1 + number of branch stages before it."""
+  return sum(1 for s in BRANCH_STAGES if s < stage)
+
+
+def _backbone_targets(config, source_prefix: str) -> Dict[str, str]:
+  """source key (timm/effdet backbone naming with `source_prefix`) -> pose-model key, stem and original stages."""
+  backbone, _, stages = _model_backbone(config)
+  mapping = {}
+  if backbone == "eeffnet":
+    stem_conv, stem_bn = "hr_backbone.0", "hr_backbone.1"
+    block_path = lambda s, j: f"hr_backbone.{s + 3}.branches.{_stage_branch(s)}.{j}"  # noqa: E731
+  else:
+    stem_conv, stem_bn = "hr_backbone.conv_stem", "hr_backbone.bn1"
+    block_path = lambda s, j: f"hr_backbone.blocks.{s}.{j}"  # noqa: E731
+  mapping[f"{source_prefix}conv_stem.weight"] = f"{stem_conv}.weight"
+  for b in _BN:
+    mapping[f"{source_prefix}bn1.{b}"] = f"{stem_bn}.{b}"
+  for s, stage in enumerate(stages):
+    for j, spec in enumerate(stage):
+      for name in block_tensor_names(spec):
+        mapping[f"{source_prefix}blocks.{s}.{j}.{name}"] = f"{block_path(s, j)}.{name}"
+  return mapping
+
+
+def _copy_targets(config, source_prefix: str = "") -> Dict[str, List[str]]:
+  """source key -> pose-model keys of the copied branches (`branches.0` of HRB 6-9, `branches.1` of HRB 8-9)."""
+  backbone, recurrent, stages = _model_backbone(config)
+  mapping: Dict[str, List[str]] = {}
+  if backbone != "eeffnet" or recurrent:
+    return mapping   # no copies (recurrent ones are the stage blocks themselves)
+  for b, source_stage in enumerate(BRANCH_STAGES):
+    last = len(stages[source_stage]) - 1
+    source_spec = stages[source_stage][last]
+    for t in range(source_stage + 1, len(stages)):
+      for j in range(len(stages[t])):
+        for name in block_tensor_names(source_spec):
+          mapping.setdefault(f"{source_prefix}blocks.{source_stage}.{last}.{name}", []).append(
+              f"hr_backbone.{t + 3}.branches.{b}.{j}.{name}")
+  return mapping
+
+
+def _require(state_dict: Mapping[str, Any], needed, known, source: str, what: str, relevant: str) -> None:
+  """Raises CheckpointMismatchError listing every needed key that is absent and every relevant key not `known`
+  (e.g. the blocks of a deeper EfficientNet)."""
+  known = set(known)
+  missing = sorted(k for k in needed if k not in state_dict)
+  unknown = sorted(k for k in state_dict
+                   if re.match(relevant, k) and k not in known and not k.endswith("num_batches_tracked"))
+  if missing or unknown:
+    parts = [f"{source} is not a {what} for this model.",
+             f"The checkpoint looks like: {convert.describe_state_dict(state_dict)}."]
+    if missing:
+      parts.append(f"missing keys ({len(missing)}):\n" + "\n".join(f"  {k}" for k in missing))
+    if unknown:
+      parts.append(f"unexpected keys ({len(unknown)}):\n" + "\n".join(f"  {k}" for k in unknown))
+    raise convert.CheckpointMismatchError("\n".join(parts))
+
+
+def efficientdet_backbone_state_dict(state_dict: Mapping[str, Any], config,
+                                     source: str = "EfficientDet checkpoint") -> Dict[str, Any]:
+  """EfficientDet(-AP) state_dict -> the stem and original stage branches of the pose model.
+
+  `backbone.conv_stem.weight` -> `hr_backbone.0.weight`, `backbone.bn1.*` -> `hr_backbone.1.*`,
+  `backbone.blocks.{s}.{j}.*` -> `hr_backbone.{s+3}.branches.{last}.{j}.*` (plain backbone: `hr_backbone.*`).
+  Everything else (`fpn.*`, `class_net.*`, `box_net.*`) is ignored, as the original's PRETRAINED_LAYERS filter does.
+  """
+  mapping = _backbone_targets(config, "backbone.")
+  _require(state_dict, mapping, mapping, source, "tf_efficientdet backbone", r"backbone\.(conv_stem|bn1|blocks)\.")
+  return {target: state_dict[key] for key, target in mapping.items()}
+
+
+def imagenet_state_dict(state_dict: Mapping[str, Any], config, copies_only: bool = False,
+                        source: str = "ImageNet checkpoint") -> Dict[str, Any]:
+  """timm tf_efficientnet classification state_dict -> the copied branches (and, unless `copies_only`, the stem
+  and stages too, as timm loads it into the whole backbone before the copies are taken).
+
+  The copies of HRB 6-9 branch 0 come from `blocks.2.{last}`, those of HRB 8-9 branch 1 from `blocks.4.{last}`.
+  `conv_head`, `bn2` and `classifier` are ignored.
+  """
+  copies = _copy_targets(config)
+  stages = _backbone_targets(config, "")
+  needed = set(copies) if copies_only else set(copies) | set(stages)
+  out: Dict[str, Any] = {}
+  _require(state_dict, needed, stages, source, "timm tf_efficientnet checkpoint", r"(conv_stem|bn1|blocks)\.")
+  if not copies_only:
+    out.update({target: state_dict[key] for key, target in stages.items()})
+  for key, targets in copies.items():
+    for target in targets:
+      out[target] = state_dict[key]
+  return out
+
+
+def pretrained_state_dict(config, backbone_path: str = "", copies_path: str = "") -> Dict[str, Any]:
+  """The torch-key state_dict that the two files give the model (ImageNet first, EfficientDet on top)."""
+  out: Dict[str, Any] = {}
+  if copies_path:
+    out.update(imagenet_state_dict(convert.load_state_dict(copies_path), config, copies_only=bool(backbone_path),
+                                   source=copies_path))
+  if backbone_path:
+    out.update(efficientdet_backbone_state_dict(convert.load_state_dict(backbone_path), config,
+                                                source=backbone_path))
+  return out
+
+
+def init_pretrained(variables: Mapping[str, Any], config) -> Dict[str, Any]:
+  """Applies `config.init.backbone` (EfficientDet-AP .pth) and `config.init.backbone_copies` (timm ImageNet .pth).
+
+  Returns `variables` with the covered leaves replaced (unchanged, as a plain dict, when neither is set).
+  """
+  init = config.get("init", None)
+  backbone_path = (init.get("backbone", "") if init is not None else "") or ""
+  copies_path = (init.get("backbone_copies", "") if init is not None else "") or ""
+  if not backbone_path and not copies_path:
+    return {k: v for k, v in variables.items()}
+  state_dict = pretrained_state_dict(config, backbone_path, copies_path)
+  source = " + ".join(p for p in (copies_path, backbone_path) if p)
+  update = convert.variables_from_state_dict(state_dict, config, strict=False, source=source)
+  return convert.merge_variables(variables, update)

@@ -1,0 +1,695 @@
+"""The trainer: initialise or resume, the sharded train step, the epoch loop, evaluation, checkpoints and reports.
+
+One loop serves every model family. What differs between families (the data loader, the loss and train metrics,
+the evaluation and its headline metric, the baseline) lives in a small `Task` object chosen by
+`config.model.name` (`TASKS`); the top-down EEffPose task is `TopDownTask`. A bottom-up task (DEM) implements the
+same methods with its own batch keys, `meme_jax.losses.dem` and the bottom-up evaluator, and registers itself with
+`register_task('dem', ...)`; the loop below does not change.
+
+Parallelism: one 1-D mesh over every device of every process; the train step is `jax.jit`ted with the batch
+sharded along 'data' and the state replicated (NamedSharding, no pmap), and the state is donated. Each process
+loads its share of the global batch, which `parallel.host_to_global` assembles into one global array.
+
+A run is resumable bit for bit: the checkpoint holds the state (parameters, batch statistics, optimizer state,
+step, RNG, skipped-step count), the schedule state and the data iterator state, the per-step RNG is
+`fold_in(rng, step)`, and the LR of an epoch is a function of the saved schedule state.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from meme_jax import checkpointing
+from meme_jax import parallel
+from meme_jax import reporting
+from meme_jax import schedules
+from meme_jax.losses import heatmap as heatmap_losses
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray          # int32: optimizer steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jnp.ndarray           # base key; step k uses fold_in(rng, k)
+  skipped: jnp.ndarray       # int32: steps whose loss or gradient was not finite (not applied)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: what a model family brings to the loop.
+
+
+class Task:
+  """The family-specific parts of training. Subclasses set the class attributes and implement the methods."""
+  input_key: str = "image"                    # the batch entry the model takes
+  batch_keys: Tuple[str, ...] = ("image",)    # the batch entries the train step receives
+  metrics_class: Any = None                   # clu Collection built by `loss_and_metrics`
+  metric_name: str = "AP"                     # validation indicator, higher is better (best checkpoint, plateau)
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def build_model(self, config: ml_collections.ConfigDict) -> nn.Module:
+    from meme_jax import models  # pylint: disable=import-outside-toplevel
+    return models.build_model(config)
+
+  def check_data(self) -> None:
+    """Raises a clear error when the dataset is missing."""
+
+  def train_loader(self, *, seed: int, shard_index: int, shard_count: int, batch_size_per_process: int,
+                   num_workers: int):
+    """An iterable of host-local batches whose iterator has get_state()/set_state()."""
+    raise NotImplementedError
+
+  def steps_per_epoch(self, loader) -> int:
+    return int(loader.steps_per_epoch)
+
+  def loss_and_metrics(self, outputs, batch) -> Tuple[jnp.ndarray, Any]:
+    """(scalar loss, `metrics_class` instance) of one (micro-)batch; runs inside the jitted step."""
+    raise NotImplementedError
+
+  def evaluate(self, apply_fn: Callable, variables: Any, *, workdir: Optional[str],
+               num_images: int = 0) -> Tuple[Dict[str, float], list]:
+    """(stats by name, up to `num_images` RGB uint8 images with predictions drawn)."""
+    raise NotImplementedError
+
+  def baseline(self, workdir: Optional[str]) -> Optional[Dict[str, float]]:
+    """Stats of a trivial predictor evaluated the same way, or None."""
+    return None
+
+
+class TopDownTask(Task):
+  """Top-down heatmap models (EEffPose): JointsMSELoss, heatmap accuracy, COCO AP / MPII PCKh on GT boxes."""
+  input_key = "image"
+  batch_keys = ("image", "heatmaps", "target_weight")
+  metrics_class = reporting.TopDownMetrics
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.metric_name = "Mean" if config.data.format == "mpii" else "AP"
+    self._records = None
+    self._predictor = None
+
+  def check_data(self) -> None:
+    data = self.config.data
+    if data.dataset == "synthetic" or data.get("tfds_name", ""):
+      return
+    missing = [p for p in (data.train_annotations, data.val_annotations, data.train_images, data.val_images)
+               if not os.path.exists(p)]
+    if missing:
+      raise FileNotFoundError(
+          f"{data.dataset} data not found: missing {', '.join(missing)} (relative to {os.getcwd()}). Put the "
+          f"dataset there (COCO 2017: images/train2017, images/val2017 and annotations/person_keypoints_*2017.json "
+          f"under {data.root}; or set --config.data.root and the paths), or train on the built-in synthetic data: "
+          f"python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic --workdir DIR")
+
+  def train_loader(self, *, seed, shard_index, shard_count, batch_size_per_process, num_workers):
+    from data_pipelines import topdown  # pylint: disable=import-outside-toplevel
+    return topdown.train_loader(self.config, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                                batch_size_per_process=batch_size_per_process, num_workers=num_workers)
+
+  def loss_and_metrics(self, outputs, batch):
+    heatmaps = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    heatmaps = heatmaps.astype(jnp.float32)
+    loss = heatmap_losses.joints_mse_loss(heatmaps, batch["heatmaps"], batch["target_weight"])
+    metrics = self.metrics_class.single_from_model_output(loss=loss, heatmaps=heatmaps, targets=batch["heatmaps"])
+    return loss, metrics
+
+  def records(self):
+    if self._records is None:
+      from meme_jax import evaluate  # pylint: disable=import-outside-toplevel
+      self._records = evaluate.load_eval_records(self.config)
+    return self._records
+
+  def evaluate(self, apply_fn, variables, *, workdir, num_images=0):
+    from meme_jax import evaluate  # pylint: disable=import-outside-toplevel
+    from meme_jax import visualize  # pylint: disable=import-outside-toplevel
+    if self._predictor is None or self._predictor_fn is not apply_fn:
+      self._predictor = evaluate.TopDownPredictor(self.config, apply_fn, variables)
+      self._predictor_fn = apply_fn
+    else:
+      self._predictor.variables = parallel.replicate_from_host(parallel.local_copy(variables), self._predictor.mesh)
+    result = evaluate.evaluate_topdown(self.config, apply_fn, None, self.records(), workdir=workdir, details=True,
+                                       predictor=self._predictor)
+    images = []
+    if num_images and result.examples:
+      skeleton = visualize.skeleton_for(self.config.data.dataset)
+      images = visualize.draw_examples(result.examples[:num_images], skeleton, max_size=384)
+    return {k: float(v) for k, v in result.stats.items()}, images
+
+  def baseline(self, workdir):
+    if self.config.data.format == "mpii" and not os.path.exists(self.config.data.get("val_gt_mat", "")):
+      return None
+    from meme_jax import baseline  # pylint: disable=import-outside-toplevel
+    return baseline.evaluate_mean_pose(self.config, workdir=workdir, eval_records=self.records())
+
+
+TASKS: Dict[str, Callable[[ml_collections.ConfigDict], Task]] = {"eeffpose": TopDownTask}
+
+
+def register_task(name: str, factory: Callable[[ml_collections.ConfigDict], Task]) -> None:
+  """Makes `config.model.name == name` train with `factory(config)`."""
+  TASKS[name] = factory
+
+
+def get_task(config) -> Task:
+  name = config.model.name
+  if name not in TASKS:
+    raise ValueError(f"no trainer task for config.model.name={name!r} (registered: {sorted(TASKS)}); "
+                     f"a model family registers one with meme_jax.train.register_task")
+  return TASKS[name](config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, initial variables and state.
+
+
+def training_config(config) -> ml_collections.ConfigDict:
+  """The config the training model is built from: `train.mixed_precision` sets the compute dtype."""
+  precision = config.train.get("mixed_precision", "float32")
+  if precision not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.train.mixed_precision={precision!r}: expected 'float32', 'bfloat16' or 'float16'")
+  if precision == "float32":
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.dtype = precision
+  return config
+
+
+def input_shape(config) -> Tuple[int, int, int]:
+  width, height = (int(v) for v in config.data.image_size)
+  return height, width, 3
+
+
+def initial_variables(model: nn.Module, config, rng) -> Dict[str, Any]:
+  """Randomly initialised variables (host numpy), then what `config.init` names loaded over them."""
+  dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
+  init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))
+  variables = jax.device_get(init(rng))
+  variables = {k: v for k, v in flax.core.unfreeze(variables).items()}
+  variables.setdefault("batch_stats", {})
+  return load_init_weights(config, variables)
+
+
+def load_init_weights(config, variables: Dict[str, Any]) -> Dict[str, Any]:
+  """Applies `config.init`: a converted PyTorch checkpoint or an orbax directory, and pretrained backbones."""
+  init = config.get("init", None)
+  if init is None:
+    return variables
+  from meme_jax import convert  # pylint: disable=import-outside-toplevel
+  path = init.get("checkpoint", "")
+  if path:
+    if os.path.isdir(path):
+      loaded = convert.load_variables(path)
+    else:
+      loaded = convert.from_torch(path, config)
+    variables = convert.merge_variables(variables, loaded)
+    logging.info("Initialised from %s", path)
+  if init.get("backbone", "") or init.get("backbone_copies", ""):
+    try:
+      from meme_jax import pretrained  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError("config.init.backbone needs meme_jax.pretrained, which is not available") from e
+    variables = pretrained.init_from_config(config, variables)
+  return variables
+
+
+def create_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, rng, mesh) -> TrainState:
+  """The initial train state, replicated over the mesh."""
+  replicated = parallel.replicated(mesh)
+  params = parallel.replicate_from_host(variables["params"], mesh)
+  batch_stats = parallel.replicate_from_host(variables.get("batch_stats", {}), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                    batch_stats=batch_stats, opt_state=opt_state, rng=jax.device_put(rng, replicated),
+                    skipped=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The train step.
+
+
+def split_microbatches(batch: Mapping[str, jnp.ndarray], accum_steps: int, num_devices: int, mesh) -> Dict:
+  """(B, ...) -> (accum_steps, B / accum_steps, ...) such that every device keeps its own rows.
+
+  Micro-batch i takes, on every device, the i-th contiguous chunk of that device's rows, so no data moves between
+  devices, and with ghost BatchNorm groups that divide the per-device chunk the groups are those of the full batch.
+  """
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape((num_devices, accum_steps, b // (num_devices * accum_steps)) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape((accum_steps, b // accum_steps) + x.shape[3:])
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, *, accum_steps: int, mesh):
+  """`step(state, batch) -> (state, metrics, finite)`, to be jitted.
+
+  The gradient is the mean over `accum_steps` micro-batches (one optimizer update per step). A step whose loss or
+  gradient is not finite leaves the state unchanged except `step` and `skipped`; `finite` tells the host.
+  """
+  num_devices = mesh.devices.size
+
+  def forward(params, batch_stats, batch, rng):
+    outputs, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch[task.input_key],
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    loss, metrics = task.loss_and_metrics(outputs, batch)
+    return loss, (mutated.get("batch_stats", batch_stats), metrics)
+
+  grad_fn = jax.value_and_grad(forward, has_aux=True)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum_steps == 1:
+      (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+    else:
+      micro = split_microbatches(batch, accum_steps, num_devices, mesh)
+
+      def body(carry, xs):
+        grad_sum, loss_sum, stats = carry
+        mb, index = xs
+        (l, (stats, m)), g = grad_fn(state.params, stats, mb, jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, grad_sum, g), loss_sum + l, stats), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss, batch_stats), stacked = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats), (micro, jnp.arange(accum_steps)))
+      grads = jax.tree.map(lambda g: g / accum_steps, grads)
+      loss = loss / accum_steps
+      metrics = stacked.reduce()
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # pylint: disable=unnecessary-lambda-assignment
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+    return new_state, reporting.zero_metrics_unless(finite, metrics), finite
+
+  return step
+
+
+def jit_train_step(step_fn, state: TrainState, mesh):
+  replicated = parallel.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  return jax.jit(step_fn, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0,))
+
+
+def make_apply_fn(model: nn.Module) -> Callable:
+  """`apply_fn(variables, images) -> outputs` in inference mode (running BatchNorm statistics)."""
+  def apply_fn(variables, images):
+    return model.apply(variables, images, train=False)
+  return apply_fn
+
+
+def eval_variables(state: TrainState) -> Dict[str, Any]:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class RunInfo:
+  """Numbers about a run, kept on the host and saved in the checkpoint's meta."""
+  steps_per_epoch: int
+  total_epochs: int
+  best_metric: Optional[float] = None
+  best_step: Optional[int] = None
+  last_stats: Optional[Dict[str, float]] = None
+  last_stats_step: Optional[int] = None
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _flat_config(config) -> Dict[str, Any]:
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        walk(name + ".", value)
+      else:
+        out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+  walk("", config)
+  return out
+
+
+def _meta(schedule: schedules.EpochSchedule, info: RunInfo, config, step: int) -> Dict[str, Any]:
+  return dict(step=int(step), epoch=int(step // info.steps_per_epoch), schedule=schedule.state_dict(),
+              steps_per_epoch=info.steps_per_epoch, total_epochs=info.total_epochs,
+              batch_size=int(config.train.batch_size), best_metric=info.best_metric, best_step=info.best_step,
+              last_stats=info.last_stats, last_stats_step=info.last_stats_step, config_name=config.get("name", ""))
+
+
+def _check_batch(config, mesh) -> int:
+  """The per-process batch size, after checking the global batch splits over devices and micro-batches."""
+  batch = int(config.train.batch_size)
+  accum = int(config.train.get("grad_accum_steps", 1))
+  devices = mesh.devices.size
+  if accum < 1:
+    raise ValueError(f"config.train.grad_accum_steps={accum}: must be >= 1")
+  if batch % (devices * accum):
+    raise ValueError(f"config.train.batch_size={batch} must be a multiple of devices ({devices}) x "
+                     f"grad_accum_steps ({accum})")
+  return parallel.per_process_batch_size(batch, mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest valid checkpoint), evaluates, writes summary.json.
+
+  Returns the summary: final validation stats, the baseline's, timings and counts.
+  """
+  wall_start = time.time()
+  task = get_task(config)
+  task.check_data()
+  train_cfg = config.train
+  mesh = parallel.make_mesh()
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  writer = reporting.create_writer(workdir)
+  writer.write_hparams(_flat_config(config))
+  logging.info("Devices: %d (%d local) of %s on %d process(es)", jax.device_count(), jax.local_device_count(),
+               jax.devices()[0].platform, jax.process_count())
+
+  batch_per_process = _check_batch(config, mesh)
+  accum = int(train_cfg.get("grad_accum_steps", 1))
+  seed = int(config.get("seed", 0))
+  loader = task.train_loader(seed=int(config.data.get("seed", seed)), shard_index=jax.process_index(),
+                             shard_count=jax.process_count(), batch_size_per_process=batch_per_process,
+                             num_workers=int(config.data.get("num_workers", 0)))
+  steps_per_epoch = int(train_cfg.get("steps_per_epoch", -1))
+  if steps_per_epoch <= 0:
+    steps_per_epoch = task.steps_per_epoch(loader)
+  total_epochs = int(train_cfg.warmup_epochs) + int(train_cfg.num_epochs)
+  total_steps = steps_per_epoch * total_epochs
+  info = RunInfo(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
+  logging.info("Training %d epochs (%d warm-up) of %d steps, global batch %d (%d per process, %d micro-batches)",
+               total_epochs, int(train_cfg.warmup_epochs), steps_per_epoch, int(train_cfg.batch_size),
+               batch_per_process, accum)
+
+  model = task.build_model(training_config(config))
+  eval_model = task.build_model(config)
+  tx = schedules.make_optimizer(train_cfg)
+  schedule = schedules.from_config(train_cfg)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+
+  t = time.time()
+  variables = initial_variables(model, config, init_rng)
+  state = create_state(variables, tx, state_rng, mesh)
+  del variables
+  init_s = time.time() - t
+  overview = reporting.log_parameter_overview(eval_variables(jax.tree.map(parallel.local_value, state)))
+  writer.write_texts(0, {"parameters": "```\n" + overview + "\n```"})
+
+  ckpt = checkpointing.Checkpointer(checkpointing.default_directory(workdir),
+                                    keep=int(train_cfg.get("keep_checkpoints", 3)), best_metric=task.metric_name,
+                                    asynchronous=bool(train_cfg.get("async_checkpoints", True)))
+  data_iter = iter(loader)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state), data_iter)
+    if int(meta["steps_per_epoch"]) != steps_per_epoch or int(meta["batch_size"]) != int(train_cfg.batch_size):
+      raise ValueError(f"the checkpoint at step {latest} in {workdir} was written with {meta['steps_per_epoch']} "
+                       f"steps per epoch and batch {meta['batch_size']}; this config has {steps_per_epoch} and "
+                       f"{train_cfg.batch_size}: use another --workdir")
+    schedule.load_state_dict(meta["schedule"])
+    info.best_metric, info.best_step = meta.get("best_metric"), meta.get("best_step")
+    info.last_stats, info.last_stats_step = meta.get("last_stats"), meta.get("last_stats_step")
+    logging.info("Resumed from %s at step %d (epoch %d)", ckpt.directory / str(latest), latest,
+                 latest // steps_per_epoch)
+
+  step_fn = jit_train_step(make_train_step(model, task, tx, accum_steps=accum, mesh=mesh), state, mesh)
+  apply_fn = make_apply_fn(eval_model)
+  step = int(parallel.local_value(state.step))
+  compile_s = 0.0
+  if step < total_steps:
+    # Ahead-of-time compile: a shape or sharding error shows before any data is read, and compile time is
+    # reported apart from training time.
+    t = time.time()
+    step_fn = step_fn.lower(state, _batch_spec(loader, task, config, batch_per_process, mesh)).compile()
+    compile_s = time.time() - t
+    logging.info("Compiled the train step in %.1fs", compile_s)
+    writer.write_scalars(step, {"timing/compile_s": compile_s})
+
+  hooks = []
+  if is_main:
+    hooks.append(reporting.periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=int(train_cfg.get("log_every_steps", 50)),
+        every_secs=None))
+    profile_steps = int(train_cfg.get("profile_steps", 0))
+    if profile_steps > 0:
+      hooks.append(reporting.periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=profile_steps, profile_duration_ms=None,
+          first_profile=step + int(train_cfg.get("profile_first_step", 10)), every_secs=None))
+  watcher = checkpointing.PreemptionWatcher()
+  eval_every = max(1, int(train_cfg.get("eval_every_epochs", 1)))
+  ckpt_every = max(1, int(train_cfg.get("checkpoint_every_epochs", 1)))
+  log_every = max(1, int(train_cfg.get("log_every_steps", 50)))
+  nan_policy = train_cfg.get("nan_policy", "stop")
+  if nan_policy not in ("stop", "skip"):
+    raise ValueError(f"config.train.nan_policy={nan_policy!r}: expected 'stop' or 'skip'")
+  num_images = int(config.get("test", {}).get("num_examples", 4)) if is_main else 0
+
+  train_s = eval_s = data_s = 0.0
+  steps_done = 0
+  preempted = False
+  stats = None
+  try:
+    while step < total_steps and not preempted:
+      epoch = step // steps_per_epoch
+      lr = schedule.begin_epoch(epoch)
+      state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
+      writer.write_scalars(step, {"learning_rate": lr, "epoch": epoch})
+      epoch_end = (epoch + 1) * steps_per_epoch
+      bar = reporting.ProgressBar(epoch_end - epoch * steps_per_epoch, f"epoch {epoch + 1}/{total_epochs}",
+                                  initial=step - epoch * steps_per_epoch)
+      train_metrics = None
+      pending = None
+      t_epoch = time.time()
+      while step < epoch_end:
+        t = time.time()
+        batch = next(data_iter)
+        batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
+        data_s += time.time() - t
+        state, metrics, finite = step_fn(state, batch)
+        step += 1
+        steps_done += 1
+        # The previous step's finiteness is read one step late, so the host never waits for the device here.
+        if pending is not None:
+          _check_finite(*pending, nan_policy=nan_policy, steps_per_epoch=steps_per_epoch)
+        pending = (step, finite)
+        train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
+        for hook in hooks:
+          hook(step)
+        if step % log_every == 0 or step == epoch_end:
+          scalars = reporting.metrics_to_scalars(jax.tree.map(parallel.local_value, train_metrics), "train/")
+          writer.write_scalars(step, scalars)
+          bar.update(0, loss=scalars.get("train/loss", float("nan")))
+          train_metrics = None
+        bar.update(1)
+        if watcher.should_stop(step):
+          preempted = True
+          break
+      if pending is not None:
+        _check_finite(*pending, nan_policy=nan_policy, steps_per_epoch=steps_per_epoch)
+      bar.close()
+      train_s += time.time() - t_epoch
+      if preempted:
+        logging.warning("Stopping at step %d on a preemption request; saving a checkpoint", step)
+        ckpt.save(step, state, _meta(schedule, info, config, step), data_iter)
+        ckpt.wait()
+        break
+
+      metric_value = None
+      last_epoch = step >= total_steps
+      if (epoch + 1) % eval_every == 0 or last_epoch:
+        t = time.time()
+        stats, images = task.evaluate(apply_fn, eval_variables(state), workdir=workdir, num_images=num_images)
+        eval_s += time.time() - t
+        metric_value = float(stats[task.metric_name])
+        writer.write_scalars(step, {f"val/{k}": v for k, v in stats.items()})
+        if images:
+          from meme_jax import visualize  # pylint: disable=import-outside-toplevel
+          writer.write_images(step, {"val/predictions": visualize.pad_to_batch(images)})
+        info.last_stats, info.last_stats_step = stats, step
+        if info.best_metric is None or metric_value >= info.best_metric:
+          info.best_metric, info.best_step = metric_value, step
+      schedule.end_epoch(epoch, metric_value)
+      if (epoch + 1) % ckpt_every == 0 or last_epoch or metric_value is not None:
+        ckpt.save(step, state, _meta(schedule, info, config, step), data_iter,
+                  metrics=None if metric_value is None else {task.metric_name: metric_value})
+      writer.flush()
+  finally:
+    watcher.close()
+    ckpt.close()
+    for hook in hooks:
+      reporting.end_profile(hook)
+
+  skipped = int(parallel.local_value(state.skipped))
+  summary: Dict[str, Any] = dict(step=step, total_steps=total_steps, epochs=step / steps_per_epoch,
+                                 preempted=preempted, skipped_steps=skipped)
+  if preempted:
+    summary.update(wall_time_s=time.time() - wall_start)
+    writer.close()
+    return summary
+
+  if info.last_stats is None or info.last_stats_step != step:
+    t = time.time()
+    stats, _ = task.evaluate(apply_fn, eval_variables(state), workdir=workdir, num_images=0)
+    eval_s += time.time() - t
+    info.last_stats, info.last_stats_step = stats, step
+  stats = dict(info.last_stats)
+  t = time.time()
+  baseline = task.baseline(workdir)
+  baseline_s = time.time() - t
+  wall_s = time.time() - wall_start
+  images_per_step = int(train_cfg.batch_size)
+  summary.update(
+      metric=task.metric_name, stats=stats, best_metric=info.best_metric, best_step=info.best_step,
+      baseline_stats=baseline, wall_time_s=wall_s, init_s=init_s, compile_s=compile_s,
+      train_s=train_s, data_wait_s=data_s, eval_s=eval_s, baseline_s=baseline_s, steps_this_run=steps_done,
+      steps_per_s=steps_done / train_s if train_s > 0 else None,
+      images_per_s=steps_done * images_per_step / train_s if train_s > 0 else None,
+      devices=jax.device_count(), processes=jax.process_count(), platform=jax.devices()[0].platform,
+      config=config.get("name", ""))
+  summary[task.metric_name] = stats.get(task.metric_name)
+  if baseline is not None:
+    summary[f"baseline_{task.metric_name}"] = baseline.get(task.metric_name)
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(_jsonable(summary), f, indent=2)
+  writer.write_scalars(step, {f"final/{k}": v for k, v in stats.items()})
+  writer.close()
+  return summary
+
+
+def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -> None:
+  if bool(parallel.local_value(finite)):
+    return
+  epoch = (step - 1) // steps_per_epoch
+  if nan_policy == "stop":
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {step} (epoch {epoch + 1}): stopping; the update was not applied. "
+        f"Set --config.train.nan_policy=skip to skip such steps instead.")
+  logging.warning("Skipped step %d (epoch %d): non-finite loss or gradient", step, epoch + 1)
+
+
+def _batch_spec(loader, task: Task, config, batch_per_process: int, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the global batch, for compiling before the first batch arrives."""
+  shapes = getattr(loader, "batch_shapes", None)
+  if shapes is None:
+    shapes = task_batch_shapes(task, config, batch_per_process)
+  sharding = parallel.batch_sharding(mesh)
+  scale = jax.process_count()
+  return {k: jax.ShapeDtypeStruct((shape[0] * scale,) + tuple(shape[1:]), np.dtype(dtype), sharding=sharding)
+          for k, (shape, dtype) in shapes.items() if k in task.batch_keys}
+
+
+def task_batch_shapes(task: Task, config, batch_per_process: int) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
+  """Per-process batch shapes: the task's `batch_shapes(config, n)` or the top-down layout."""
+  if hasattr(task, "batch_shapes"):
+    return task.batch_shapes(config, batch_per_process)
+  h, w, c = input_shape(config)
+  hw, hh = (int(v) for v in config.data.heatmap_size)
+  j = int(config.data.num_joints)
+  return {"image": ((batch_per_process, h, w, c), np.float32),
+          "heatmaps": ((batch_per_process, hh, hw, j), np.float32),
+          "target_weight": ((batch_per_process, j), np.float32)}
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation of a trained run.
+
+
+def restore_variables(config, workdir: str, which: str = "best") -> Tuple[Dict[str, Any], Optional[int]]:
+  """Parameters and batch statistics of `workdir`'s best (or latest) checkpoint, or of `config.init`.
+
+  Returns (variables as host numpy, step or None when they came from `config.init` / random initialisation).
+  """
+  task = get_task(config)
+  model = task.build_model(config)
+  directory = checkpointing.default_directory(workdir) if workdir else ""
+  if directory and os.path.isdir(directory):
+    ckpt = checkpointing.Checkpointer(directory, best_metric=task.metric_name, asynchronous=False, read_only=True)
+    step = ckpt.best_step() if which == "best" else ckpt.latest_step()
+    if step is not None:
+      mesh = parallel.make_mesh()
+      tx = schedules.make_optimizer(config.train)
+      abstract = jax.eval_shape(
+          lambda: create_state_abstract(model, config, tx))
+      replicated = parallel.replicated(mesh)
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+      state, _ = ckpt.restore(step, abstract)
+      ckpt.close()
+      logging.info("Restored the %s checkpoint: %s", which, ckpt.directory / str(step))
+      return jax.tree.map(parallel.local_value, eval_variables(state)), step
+    ckpt.close()
+  if not config.get("init", {}).get("checkpoint", ""):
+    raise FileNotFoundError(f"no checkpoint in {directory or '(no workdir)'} and no config.init.checkpoint: "
+                            f"nothing to evaluate")
+  variables = initial_variables(model, config, jax.random.PRNGKey(int(config.get("seed", 0))))
+  return variables, None
+
+
+def create_state_abstract(model: nn.Module, config, tx) -> TrainState:
+  """The train state's structure (inside `jax.eval_shape`)."""
+  dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  variables = model.init({"params": key, "dropout": key}, dummy, train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=key, skipped=jnp.zeros((), jnp.int32))
+
+
+def evaluate_run(config, workdir: str, which: str = "best") -> Dict[str, Any]:
+  """Evaluates the best (or latest) checkpoint of `workdir` (or `config.init.checkpoint`); writes eval.json."""
+  task = get_task(config)
+  variables, step = restore_variables(config, workdir, which)
+  apply_fn = make_apply_fn(task.build_model(config))
+  mesh = parallel.make_mesh()
+  variables = parallel.replicate_from_host(variables, mesh)
+  stats, _ = task.evaluate(apply_fn, variables, workdir=workdir, num_images=0)
+  result = dict(step=step, metric=task.metric_name, stats=stats)
+  result[task.metric_name] = stats.get(task.metric_name)
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+      json.dump(_jsonable(result), f, indent=2)
+  return result
+
