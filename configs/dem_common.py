@@ -122,6 +122,10 @@ def bottomup_data(dataset: str, input_size: int) -> ml_collections.ConfigDict:
   data.sigma = 2.0                      # Gaussian sigma in map pixels, both stages
   data.offset_radius = 7                # LE offset window half-size (15x15), both stages (hard-coded tau)
   data.max_num_people = 30              # DATASET.MAX_NUM_PEOPLE: AE index rows, top-k at test
+  # The original's target bugs, off by default (spec dem 8 T5, T6); on only to reproduce its training targets.
+  data.original_offset_overlap = False  # True: last-writer / count offsets where people overlap (T5)
+  data.offsets_to_invisible_parents = False   # True: offsets to unlabelled parents (T6)
+  data.read_threads = 4                 # decode/augment threads when num_workers == 0
   # Augmentation (training only), spec 5: random affine then flip.
   data.scale_type = "short"
   data.min_scale = 0.75

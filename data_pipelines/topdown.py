@@ -38,6 +38,7 @@ from data_pipelines import coco as coco_lib
 from data_pipelines import images as images_lib
 from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
+from data_pipelines import shared_slots
 from data_pipelines import transforms as T
 from data_pipelines.records import BadRecordError, RecordTable, SkipReport
 
@@ -183,17 +184,19 @@ class TrainPlan:
 
   def epoch_persons(self, epoch: int):
     """This process's persons of epoch `epoch` in order, (epoch_length,), and their occurrence in the epoch."""
-    if epoch not in self._cache:
+    cached = self._cache.get(epoch)     # (worker threads may share this plan: read once, replace whole)
+    if cached is None:
       order = np.random.default_rng([self.seed, _RNG_STREAM_UNITS, epoch]).permutation(len(self.unit_sizes))
       mine = order[self.shard_index::self.shard_count]
       sizes = self.unit_sizes[mine]
       first = np.repeat(self.unit_starts[mine] - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
       persons = self.unit_records[first + np.arange(int(sizes.sum()))]
       positions = np.arange(self.epoch_length)
-      if len(self._cache) > 3:
-        self._cache.clear()
-      self._cache[epoch] = (persons[positions % len(persons)], positions // len(persons))
-    return self._cache[epoch]
+      cached = (persons[positions % len(persons)], positions // len(persons))
+      recent = {e: v for e, v in list(self._cache.items()) if abs(e - epoch) <= 1}
+      recent[epoch] = cached
+      self._cache = recent
+    return cached
 
   def chunk(self, index: int) -> Dict[str, Any]:
     """Chunk `index`: for each of its persons (stream order) the record, epoch, occurrence and slot in the chunk."""
@@ -249,25 +252,55 @@ class _ProcessChunk(grain.transforms.Map):
     self.batches_per_chunk = plan.batches_per_chunk
     self.skip = records_lib.skip_bad_records(data_config)
 
-  def _allocate(self):
-    new = grain.multiprocessing.SharedMemoryArray if _IN_WORKER_PROCESS else np.empty
+  def _layout(self):
     (w, h), (hw, hh) = self.examples.image_size, self.examples.heatmap_size
     lead = (self.batches_per_chunk, self.batch_size)
-    return dict(image=new(lead + (h, w, 3), np.float32),
-                heatmaps=new(lead + (hh, hw, self.examples.num_joints), np.float32),
-                target_weight=np.empty(lead + (self.examples.num_joints,), np.float32))
+    return shared_slots.layout(dict(image=(lead + (h, w, 3), np.float32),
+                                    heatmaps=(lead + (hh, hw, self.examples.num_joints), np.float32),
+                                    target_weight=(lead + (self.examples.num_joints,), np.float32)))
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state.pop("_pool", None)
+    state.pop("_local", None)
+    return state
+
+  def _allocate(self):
+    """The chunk's arrays and how they travel: None (this process), a slot descriptor (worker, shared slot), or a
+    fresh SharedMemoryArray (worker, every slot still in use downstream; grain hands it over)."""
+    arrays, nbytes = self._layout()
+    if not _IN_WORKER_PROCESS:
+      if getattr(self, "_local", None) is None:
+        self._local = shared_slots.LocalSlots(nbytes)
+      return shared_slots.views(self._local.buffer(), arrays), None
+    if getattr(self, "_pool", None) is None:
+      self._pool = shared_slots.SlotPool(nbytes)
+    slot = self._pool.acquire()
+    if slot is None:
+      segment = grain.multiprocessing.SharedMemoryArray((nbytes,), np.uint8)
+      return shared_slots.views(segment, arrays), segment
+    descriptor, buffer = slot
+    descriptor["arrays"] = arrays
+    return shared_slots.views(buffer, arrays), descriptor
 
   def map(self, chunk: Dict[str, Any]) -> Dict[str, Any]:
     table, records, slots = self.table, chunk["records"], chunk["slots"]
-    batches = self._allocate()
+    batches, transport = self._allocate()
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batches.items()}
     ok = np.ones(len(records), dtype=bool)
     bad: List[str] = []
-    image_index, image = -1, None
-    for i in np.argsort(table.image_index[records], kind="stable"):     # one decode per image
+    # One decode per image and epoch: what a chunk of a large dataset holds. (Sharing a decode across epochs would
+    # only happen on tiny datasets whose chunks span several epochs, and would flatter benchmarks on them.) In the
+    # per-person order every person is decoded on its own, as in the original.
+    if self.plan.group_by_image:
+      groups = chunk["epochs"] * table.num_images + table.image_index[records]
+    else:
+      groups = np.arange(len(records))
+    group, image = -1, None
+    for i in np.argsort(groups, kind="stable"):
       r = int(records[i])
-      if table.image_index[r] != image_index:
-        image_index = int(table.image_index[r])
+      if groups[i] != group:
+        group, image_index = groups[i], int(table.image_index[r])
         try:
           image = self.examples.read(table, image_index, context=f" (record {r}, image_id {int(table.image_id[r])})")
         except BadRecordError as e:
@@ -282,8 +315,12 @@ class _ProcessChunk(grain.transforms.Map):
       self.examples.fill(flat, int(slots[i]), table, r, image, rng)
     if not ok.all():
       self._replace(chunk, flat, ok, bad)
-    batches["skipped_epochs"] = chunk["epochs"][~ok].astype(np.int64)
-    return batches
+    skipped = chunk["epochs"][~ok].astype(np.int64)
+    if transport is None:
+      return dict(batches, skipped_epochs=skipped)
+    if isinstance(transport, dict):
+      return dict(slot=transport, skipped_epochs=skipped)
+    return dict(segment=transport, arrays=self._layout()[0], skipped_epochs=skipped)
 
   def _replace(self, chunk, flat, ok, bad) -> None:
     """Fills the slots of skipped persons with readable persons of the chunk (or, when it has none, of the chunks
@@ -335,6 +372,7 @@ class _BatchesIterator(grain.DatasetIterator):
     self.next_batch = 0
     self.parent_state = self._parent.get_state()   # the parent's state before `self.chunk`
     self.chunks_done = 0          # chunks fully handed out
+    self.slots = shared_slots.SlotReader()
     self.skipped: Dict[str, int] = {}   # epoch (str, for JSON) -> persons skipped, for epochs not yet logged
     self.skipped_total = 0
     self.logged_epochs = 0
@@ -344,11 +382,20 @@ class _BatchesIterator(grain.DatasetIterator):
       self.chunks_done += 1
       self._log_finished_epochs()
     self.parent_state = self._parent.get_state()
-    self.chunk = next(self._parent)
+    self.chunk = self._receive(next(self._parent))
     self.next_batch = 0
     for e in self.chunk["skipped_epochs"]:
       self.skipped[str(int(e))] = self.skipped.get(str(int(e)), 0) + 1
       self.skipped_total += 1
+
+  def _receive(self, chunk: Dict[str, Any]) -> Dict[str, Any]:
+    """A chunk from a worker's shared slot or segment -> arrays (views on it); from this process: as it is."""
+    if "slot" in chunk:
+      arrays = shared_slots.views(self.slots.buffer(chunk["slot"]), chunk["slot"]["arrays"])
+      return dict(arrays, skipped_epochs=chunk["skipped_epochs"])
+    if "segment" in chunk:
+      return dict(shared_slots.views(chunk["segment"], chunk["arrays"]), skipped_epochs=chunk["skipped_epochs"])
+    return chunk
 
   def _log_finished_epochs(self) -> None:
     finished = self.chunks_done * self.chunk_length // self.epoch_length
@@ -382,7 +429,7 @@ class _BatchesIterator(grain.DatasetIterator):
     self.logged_epochs = int(state["logged_epochs"])
     if int(state["next_batch"]) >= 0:
       # Re-read the chunk the state was in (already counted) and go on after the batches already handed out.
-      self.chunk = next(self._parent)
+      self.chunk = self._receive(next(self._parent))
       self.next_batch = int(state["next_batch"])
 
 

@@ -75,8 +75,8 @@ class TopDownPredictor:
 
   `apply_fn(variables, images)` gives NHWC heatmaps; with `config.test.flip_test` the mirrored crops are run too and
   merged (spec 5.1). `heatmap_fn(variables, batch) -> (heatmaps, flipped heatmaps or None)` replaces the network
-  altogether (the codec upper bound feeds encoded ground truth through it); `input_key` names the batch entry it
-  reads.
+  altogether (the codec upper bound feeds encoded ground truth through it); `input_keys` name the batch entries it
+  reads. Model variables are replicated on the devices by `set_variables`; the compiled step stays.
   """
 
   def __init__(self, config, apply_fn: Optional[ApplyFn] = None, variables: Any = None, *,

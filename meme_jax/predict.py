@@ -15,7 +15,7 @@ Without either, each image is treated as one person filling the whole image, and
 photo of one person, useless for a crowd.
 
 Writes DIR/keypoints.json (COCO keypoint results: image_id, category_id, keypoints [x, y, confidence] * J, score;
-plus image_file, frame and bbox) and pictures with the skeletons, joints coloured by confidence: DIR/<name>.jpg
+plus image_file, frame and bbox) and pictures with the skeletons, joints coloured by confidence: DIR/<name>_pose.jpg
 for images, DIR/<name>_pose.mp4 for a video (JPEG frames in DIR/<name>_frames/ when OpenCV cannot write video).
 Poses are rescored and OKS-NMS'ed per image as in the evaluation (`config.test.*`).
 """
@@ -137,8 +137,9 @@ def iterate_frames(kind: str, files: Sequence[str], max_frames: int = 0) -> Iter
       ok, bgr = capture.read()
       if not ok:
         break
-      yield Frame(key=f"{os.path.basename(files[0])}#{index}", image_id=index, image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
-                  file_name=os.path.basename(files[0]), frame=index)
+      name = os.path.basename(files[0])
+      yield Frame(key=f"{name}#{index}", image_id=index, image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), file_name=name,
+                  frame=index)
       index += 1
   finally:
     capture.release()

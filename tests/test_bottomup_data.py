@@ -1,9 +1,9 @@
 """Bottom-up training data (data_pipelines.bottomup) on the real COCO / CrowdPose / MPII samples: records, crowd
-masks (pycocotools), the affine against the top-down affine, flips, batches, resume, and a CrowdPose batch that trains."""
+masks (pycocotools), the affine against the top-down affine, flips, batches, resume, and a CrowdPose batch that
+trains."""
 import copy
 import json
 import math
-import os
 
 import flax.linen as nn
 import jax

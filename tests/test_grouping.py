@@ -12,7 +12,7 @@ import pytest
 
 import meme_jax
 from meme_jax import bottomup, grouping
-from tests.conftest import shared_path
+from conftest import shared_path
 
 COCO = meme_jax.load_config("configs/dem_w32_coco.py")
 CROWDPOSE = meme_jax.load_config("configs/dem_w32_crowdpose.py")

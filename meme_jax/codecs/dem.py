@@ -16,8 +16,9 @@ Targets follow the original generators except for three defects (spec 8), each f
   even for an unlabelled parent (whose (0, 0) lands anywhere after the affine). Here the parent must be labelled
   (v > 0) as well. `offsets_to_invisible_parents=True` gives the original maps.
 - T9 / T8: the parent table is not guessed from the dataset name: each limb joint's parent comes from the config
-  (`ljg_parents`, default joint index - 2, which is what COCO, CrowdPose and MPII in the original's joint order use), and
-  one offset target per resolution is produced for every dataset (the original CrowdPose loader expected two).
+  (`ljg_parents`, default joint index - 2, which is what COCO, CrowdPose and MPII in the original's joint order
+  use), and one offset target per resolution is produced for every dataset (the original CrowdPose loader expected
+  two).
 Neither flag changes anything a converted checkpoint computes; they exist to reproduce the original training targets.
 Also different from the original, without a flag: AE index lists hold only people with a listed point, and people
 beyond `max_people` of them are left out of the AE loss (the original raised an IndexError past 30 annotations, T12).
