@@ -6,7 +6,8 @@ A record is one person to crop: a plain dict with
   visible (J,) float32 0/1, bbox (4,) [x, y, w, h] float32, area (float: the annotation area, or the box area),
 and two optional fields the loaders fill when they know them:
   image_size (2,) int32 (W, H) of the image as the annotation file states it (0, 0 when unknown; checked on decode,
-  so an image that does not belong to its annotation cannot give a silently wrong crop), annotation_id (int, -1 if none).
+  so an image that does not belong to its annotation cannot give a silently wrong crop), annotation_id (int, -1 if
+  none).
 
 Bad data (a malformed annotation, a keypoint list of the wrong length, a zero-area box, an unreadable or missing
 image) raises `BadRecordError` naming the file, the record and the field, unless `data.skip_bad_records` is set; then

@@ -40,7 +40,7 @@ def views(buffer, arrays) -> Dict[str, np.ndarray]:
 class SlotPool:
   """Worker side: up to `max_slots` segments of `nbytes`, reused once the main process releases them."""
 
-  def __init__(self, nbytes: int, max_slots: int = 32):
+  def __init__(self, nbytes: int, max_slots: int = 8):
     self.nbytes = int(nbytes)
     self.max_slots = int(max_slots)
     self.control = shared_memory.SharedMemory(create=True, size=self.max_slots)
@@ -84,7 +84,7 @@ class LocalSlots:
   """The same reuse within one process (no workers, or worker threads): chunk buffers whose memory is recycled
   once nothing refers to a chunk any more, instead of fresh allocations that fault in every page again."""
 
-  def __init__(self, nbytes: int, max_slots: int = 32):
+  def __init__(self, nbytes: int, max_slots: int = 8):
     self.nbytes = int(nbytes)
     self.max_slots = int(max_slots)
     self.flags = np.zeros(self.max_slots, np.uint8)

@@ -69,7 +69,7 @@ def test_each_epoch_is_one_pass_and_matches_train_dataset(config, records):
   """Each epoch's 12 samples are the 12 records, each once, augmented exactly as train_dataset does."""
   stream = loader(config, records)
   plan = stream.plan
-  assert plan.batches_per_chunk == 128 // BATCH and plan.epoch_length == 12
+  assert plan.batches_per_chunk == topdown.DEFAULT_CHUNK_SIZE // BATCH and plan.epoch_length == 12
   chunk = plan.chunk(0)
   order = np.empty(plan.chunk_length, dtype=np.int64)
   order[chunk["slots"]] = chunk["records"]          # the record each row of the chunk's batches holds

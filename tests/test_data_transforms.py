@@ -206,7 +206,8 @@ def test_flip_swaps_left_and_right(coco_records):
   image = images.read_image(rec["image_file"])
   width = image.shape[1]
   perm = keypoints_lib.flip_permutation(17, keypoints_lib.COCO_FLIP_PAIRS)
-  flipped = T.RandomFlip(keypoints_lib.COCO_FLIP_PAIRS, 17, prob=1.0)(T.new_sample(rec, image), np.random.default_rng(0))
+  flip = T.RandomFlip(keypoints_lib.COCO_FLIP_PAIRS, 17, prob=1.0)
+  flipped = flip(T.new_sample(rec, image), np.random.default_rng(0))
   assert flipped["flipped"]
   np.testing.assert_array_equal(flipped["image"], image[:, ::-1])
   names = keypoints_lib.COCO_JOINTS

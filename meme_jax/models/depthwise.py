@@ -1,0 +1,120 @@
+"""Depthwise convolution (one k x k filter per channel), NHWC.
+
+XLA's CPU backend runs `conv_general_dilated(feature_group_count=C)` as a generic grouped convolution that is an
+order of magnitude slower than it needs to be (measured: 0.38 s vs 0.036 s for a 5x5 depthwise conv on an
+8x64x48x240 map on 2 cores; 3.8 s vs 0.1 s with gradients). Written as a sum of k*k shifted slices, each scaled
+per channel, it becomes one fused elementwise loop. Its gradients are given explicitly (`custom_vjp`): the input
+gradient is the same shift-and-add on the (dilated) output gradient with the flipped kernel, and the kernel
+gradient is k*k per-channel reductions; plain autodiff would materialise k*k padded copies instead.
+
+`depthwise_conv(..., impl='auto')` uses the shift-and-add on CPU and XLA's convolution (cuDNN) on GPU/TPU, where
+the library convolution is the fast path. Both give the same result to float rounding.
+"""
+import functools
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+  """TensorFlow 'SAME' padding of one axis: total max((ceil(n/s)-1)*s + k - n, 0), the odd pixel after."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def resolve_padding(padding, height: int, width: int, kernel: int, stride: int) -> Padding:
+  if isinstance(padding, str):
+    if padding.upper() == "SAME":
+      return same_padding(height, kernel, stride), same_padding(width, kernel, stride)
+    if padding.upper() == "VALID":
+      return (0, 0), (0, 0)
+    raise ValueError(f"padding {padding!r}: expected 'SAME', 'VALID' or explicit pairs")
+  (top, bottom), (left, right) = padding
+  return (int(top), int(bottom)), (int(left), int(right))
+
+
+def _shift_add(xp, kernel, stride: int, out_h: int, out_w: int):
+  """sum_{i,j} xp[:, s*oh + i, s*ow + j, :] * kernel[i, j, :] over a padded input."""
+  k_h, k_w = kernel.shape[0], kernel.shape[1]
+  out = None
+  for i in range(k_h):
+    for j in range(k_w):
+      tap = jax.lax.slice(xp, (0, i, j, 0),
+                          (xp.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, xp.shape[3]),
+                          (1, stride, stride, 1))
+      term = tap * kernel[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shift(x, kernel, stride: int, padding: Padding):
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  k_h, k_w = kernel.shape[0], kernel.shape[1]
+  out_h = (xp.shape[1] - k_h) // stride + 1
+  out_w = (xp.shape[2] - k_w) // stride + 1
+  return _shift_add(xp, kernel, stride, out_h, out_w)
+
+
+def _depthwise_shift_fwd(x, kernel, stride, padding):
+  return _depthwise_shift(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_shift_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  (pt, pb), (pl, pr) = padding
+  k_h, k_w = kernel.shape[0], kernel.shape[1]
+  n, out_h, out_w, c = g.shape
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  # Kernel gradient: one per-channel reduction per tap, accumulated in float32.
+  taps = []
+  for i in range(k_h):
+    for j in range(k_w):
+      tap = jax.lax.slice(xp, (0, i, j, 0), (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                          (1, stride, stride, 1))
+      taps.append(jnp.sum((tap * g).astype(jnp.float32), axis=(0, 1, 2)))
+  d_kernel = jnp.stack(taps).reshape(k_h, k_w, c).astype(kernel.dtype)
+  # Input gradient: correlate the stride-dilated output gradient with the flipped kernel, then crop the padding.
+  dilated = jax.lax.pad(g, jnp.zeros((), g.dtype),
+                        ((0, 0, 0), (k_h - 1, k_h - 1, stride - 1), (k_w - 1, k_w - 1, stride - 1), (0, 0, 0)))
+  d_xp = _shift_add(dilated, kernel[::-1, ::-1], 1, stride * (out_h - 1) + k_h, stride * (out_w - 1) + k_w)
+  # d_xp covers xp rows 0 .. s*(out_h-1)+k_h-1; rows of xp beyond (dropped by the stride) get no gradient.
+  d_xp = jnp.pad(d_xp, ((0, 0), (0, xp.shape[1] - d_xp.shape[1]), (0, xp.shape[2] - d_xp.shape[2]), (0, 0)))
+  d_x = d_xp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :]
+  return d_x.astype(x.dtype), d_kernel
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+def depthwise_conv(x, kernel, stride: int = 1, padding="SAME", impl: str = "auto"):
+  """Depthwise conv of NHWC `x` with an HWIO kernel of shape (k, k, 1, C) (the Flax/converter layout).
+
+  `impl`: 'shift' (fused shift-and-add), 'conv' (XLA convolution) or 'auto' (shift on CPU, conv elsewhere).
+  """
+  if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
+    raise ValueError(f"depthwise kernel must be (k, k, 1, C={x.shape[-1]}), got {kernel.shape}")
+  pads = resolve_padding(padding, x.shape[1], x.shape[2], kernel.shape[0], stride)
+  if impl == "auto":
+    impl = "shift" if jax.default_backend() == "cpu" else "conv"
+  if impl == "conv":
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+  if impl != "shift":
+    raise ValueError(f"depthwise impl {impl!r}: expected 'auto', 'shift' or 'conv'")
+  return _depthwise_shift(x, kernel[:, :, 0, :], stride, pads)
+
+
+def check_impl(impl: str) -> str:
+  if impl not in ("auto", "shift", "conv"):
+    raise ValueError(f"config.model.depthwise_impl={impl!r}: expected 'auto', 'shift' or 'conv'")
+  return impl
+
+
+__all__: Sequence[str] = ("depthwise_conv", "same_padding", "resolve_padding", "check_impl")
