@@ -439,12 +439,15 @@ def random_pose(rng: np.random.Generator, dataset: str = "coco") -> np.ndarray:
 
 
 def synthetic_scene(rng: np.random.Generator, num_people: int, image_hw: Tuple[int, int], *, dataset: str = "coco",
-                    height_range: Tuple[float, float] = (140.0, 320.0), min_joint_distance: float = 28.0,
+                    height_range: Optional[Tuple[float, float]] = None, min_joint_distance: float = 28.0,
                     min_center_distance: float = 28.0, drop_prob: float = 0.1, max_tries: int = 4000) -> np.ndarray:
   """Up to `num_people` random people (N, J, 3) in image pixels, heavily overlapping (boxes are not constrained),
   with joints of the same type at least `min_joint_distance` apart across people and person centres at least
-  `min_center_distance` apart. Each joint is unlabelled (0, 0, 0) with probability `drop_prob`."""
+  `min_center_distance` apart. Each joint is unlabelled (0, 0, 0) with probability `drop_prob`. People are
+  `height_range` pixels tall (default 0.3 to 0.67 of the image height)."""
   height, width = image_hw
+  if height_range is None:
+    height_range = (0.3 * height, 0.67 * height)
   people: List[np.ndarray] = []
   for _ in range(max_tries):
     if len(people) == num_people:
@@ -567,10 +570,11 @@ def noisy_outputs(codec, people: np.ndarray, input_hw: Tuple[int, int], person_t
         offsets[..., channel:channel + group.num_channels] = rendered[..., channel:channel + group.num_channels]
       offsets *= codec.offset_norm(r) * stride / codec.offset_norm(input_size)
       tags = codec.tag_maps(to_map(detected), r, person_tags)
-      index = np.rint((tags - person_tags[0]) / (person_tags[1] - person_tags[0])).astype(np.int64) \
-          if n > 1 else np.zeros(tags.shape, np.int64)
-      channel_noise = tag_noise[:, codec.flip_index] if flip else tag_noise
-      tags = np.where(tags != 0, tags + channel_noise[np.clip(index, 0, n - 1), np.arange(k)], 0.0)
+      if n:
+        index = np.rint((tags - person_tags[0]) / (person_tags[1] - person_tags[0])).astype(np.int64) \
+            if n > 1 else np.zeros(tags.shape, np.int64)
+        channel_noise = tag_noise[:, codec.flip_index] if flip else tag_noise
+        tags = np.where(tags != 0, tags + channel_noise[np.clip(index, 0, n - 1), np.arange(k)], 0.0)
       maps[stride] = (heat[:h, :w], offsets[:h, :w], tags[:h, :w].astype(np.float32))
     quarter = np.concatenate([maps[4][0], maps[4][2]], axis=-1)
     return (maps[4][1][None], maps[2][1][None], quarter[None], maps[2][0][None])
@@ -653,6 +657,26 @@ def grouping_benchmark(config, variants: Dict[str, grouping.GroupingParams], *, 
           for name, params in variants.items()}
 
 
+def random_variables(model, image_size: Tuple[int, int], seed: int = 0) -> Dict[str, Any]:
+  """Random weights for a model (timing, smoke tests) without running `model.init`, whose compiled random
+  initialisation takes minutes on a CPU: He-normal kernels, zero biases, identity BatchNorms."""
+  width, height = image_size
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+
+  def make(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in ("scale", "var"):
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name in ("bias", "mean") or len(leaf.shape) < 2:
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return jnp.asarray(rng.normal(0.0, math.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(make, shapes)
+
+
 def time_postprocess(config, *, image_hw: Tuple[int, int] = (480, 640), num_people: int = 14, seed: int = 0,
                      repeats: int = 3, network: bool = True, variables: Any = None,
                      noise: Optional[OutputNoise] = OutputNoise()) -> Dict[str, Any]:
@@ -695,8 +719,7 @@ def time_postprocess(config, *, image_hw: Tuple[int, int] = (480, 640), num_peop
     from meme_jax.models import build_model  # pylint: disable=import-outside-toplevel
     model = build_model(config)
     if variables is None:
-      size = tuple(config.data.image_size)
-      variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size[1], size[0], 3), jnp.float32), train=False)
+      variables = random_variables(model, tuple(config.data.image_size), seed)
     net = BottomUp(config, lambda v, x: model.apply(v, x, train=False), variables, options=options)
     image = rng.integers(0, 256, image_hw + (3,), dtype=np.uint8)
     inputs, (base_size, _, _) = net.scale_inputs(image)

@@ -354,8 +354,7 @@ def predict_images(config, variables, apply_fn, input_path: str, output: str, *,
     extra = {"image_file": [frame.file_name] * len(poses), "bbox": [b.round(2).tolist() for b in boxes]}
     if frame.frame >= 0:
       extra["frame"] = [frame.frame] * len(poses)
-    results.extend(coco.results_json([frame.image_id] * len(poses), poses.reshape(len(poses), -1, 3),
-                                     prediction.scores, 1, extra))
+    results.extend(coco.results_json([frame.image_id] * len(poses), poses, prediction.scores, 1, extra))
     if renderer is not None:
       renderer.write(frame, poses, boxes, np.asarray(prediction.scores))
     count += 1

@@ -422,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state = create_state(variables, tx, state_rng, mesh)
   del variables
   init_s = time.time() - t
-  overview = reporting.log_parameter_overview(eval_variables(jax.tree.map(parallel.local_value, state)))
+  overview = reporting.log_parameter_overview(parallel.local_copy(eval_variables(state)))
   writer.write_texts(0, {"parameters": "```\n" + overview + "\n```"})
 
   ckpt = checkpointing.Checkpointer(checkpointing.default_directory(workdir),
@@ -431,11 +431,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   data_iter = iter(loader)
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state), data_iter)
+    meta = ckpt.restore_meta(latest)
     if int(meta["steps_per_epoch"]) != steps_per_epoch or int(meta["batch_size"]) != int(train_cfg.batch_size):
+      ckpt.close()
       raise ValueError(f"the checkpoint at step {latest} in {workdir} was written with {meta['steps_per_epoch']} "
                        f"steps per epoch and batch {meta['batch_size']}; this config has {steps_per_epoch} and "
                        f"{train_cfg.batch_size}: use another --workdir")
+    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state), data_iter)
     schedule.load_state_dict(meta["schedule"])
     info.best_metric, info.best_step = meta.get("best_metric"), meta.get("best_step")
     info.last_stats, info.last_stats_step = meta.get("last_stats"), meta.get("last_stats_step")

@@ -164,76 +164,88 @@ def test_codec_upper_bound_mpii_samples():
   gt = evaluate_bottomup.mpii_gt_from_entries(entries)
   stats = evaluate_bottomup.codec_upper_bound(config, records, mpii_gt=gt)
   assert stats["Mean"] > 90
+  # Predictions go back to MPII's joint order: network joint k is written at joint_order[k].
+  network = np.arange(16 * 3, dtype=np.float64).reshape(1, 16, 3)
+  back = evaluate_bottomup.to_annotation_order(config, network)
+  np.testing.assert_array_equal(back[0, list(config.data.joint_order)], network[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The network path.
 
 
+def tiny_network(config):
+  """A randomly initialised small DEM (jitted init and apply: eager Flax is slow on CPU)."""
+  model = build_model(config)
+  return jax.jit(lambda v, x: model.apply(v, x, train=False)), bottomup.random_variables(model, (128, 128))
+
+
 @pytest.fixture(scope="module")
 def tiny_coco():
+  """A small random DEM at one scale, with one runner shared by the tests so that the network compiles once: every
+  image below has the same 128 x 256 input."""
   config = sample_config("coco", tiny=True)
-  config.test.scale_factors = (1.0, 0.5)
-  model = build_model(config)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)), train=False)
-  return config, (lambda v, x: model.apply(v, x, train=False)), variables
+  config.test.scale_factors = (1.0,)
+  # An untrained network's heatmaps are near 0: with thresholds below them every top-k peak is a candidate, so
+  # the whole grouping runs on real network output (and the 20-person cap applies).
+  config.test.detection_threshold = -10.0
+  config.test.center_threshold = -10.0
+  apply_fn, variables = tiny_network(config)
+  return config, apply_fn, variables, bottomup.BottomUp(config, apply_fn, variables)
 
 
 def test_network_path_equals_the_outputs_path(tiny_coco):
-  config, apply_fn, variables = tiny_coco
-  runner = bottomup.BottomUp(config, apply_fn, variables)
-  image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+  config, apply_fn, variables, runner = tiny_coco
+  image = np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8)
   maps = runner.maps(image)
   inputs, (base_size, _, _) = runner.scale_inputs(image)
-  # Short side 128 s; long side ceil64(64 * 150 / 100) = 128 at the smallest scale 0.5, so 256 at 1.0.
-  assert base_size == (256, 128) and [x.shape[:2] for _, x in inputs] == [(128, 256), (64, 128)]
-  outputs = []
-  for s, x in inputs:
-    batch = np.stack([x, x[:, ::-1]])
-    outputs.append((s, apply_fn(variables, jnp.asarray(batch))))
+  assert base_size == (256, 128) and [x.shape[:2] for _, x in inputs] == [(128, 256)]
+  outputs = [(s, apply_fn(variables, jnp.asarray(np.stack([x, x[:, ::-1]])))) for s, x in inputs]
   again = runner.maps_from_outputs(outputs, image.shape[:2])
   for a, b in zip(maps[:3], again[:3]):
     np.testing.assert_allclose(a, b, atol=1e-5)
   prediction = runner(image)
-  assert prediction.keypoints.shape[1:] == (17, 3) and len(prediction.scores) <= 20
+  assert prediction.keypoints.shape == (20, 17, 3) and prediction.scores.shape == (20,)
+
+
+def test_scale_aggregation_and_tag_scale():
+  per_scale = [(2.0, np.full(3, 1.0), "tags 2", np.full(2, 4.0)), (1.0, np.full(3, 2.0), "tags 1", np.full(2, 8.0)),
+               (0.5, np.full(3, 6.0), "tags 0.5", np.full(2, 0.0))]
+  heat, tags, offsets = bottomup.aggregate(per_scale, 1.0)
+  np.testing.assert_allclose(heat, 3.0)
+  np.testing.assert_allclose(offsets, 4.0)
+  assert tags == "tags 1"
+  options = bottomup.TestOptions(scale_factors=(0.5, 0.75, 1.5))
+  assert options.tag_scale == 0.75                 # I10: no 1.0 among the scales -> the closest one
+  assert bottomup.TestOptions(scale_factors=(0.5, 1.0, 2.0)).tag_scale == 1.0
+  assert bottomup.offset_factor(options, 0.5, (768, 512)) == pytest.approx(math.sqrt(2) * 512 / 0.5)
+  original = dataclasses.replace(options, offset_denorm="original")
+  assert bottomup.offset_factor(original, 0.5, (768, 512)) == pytest.approx(math.hypot(768, 512))
+  config = meme_jax.load_config("configs/dem_w32_coco.py")
+  del config.test.scale_factors                 # the original yamls' value, parsed as one string (I12)
+  config.test.scale_factors = "0.5， 1， 2"
+  with pytest.raises(ValueError, match="full-width"):
+    bottomup.TestOptions.from_config(config)
 
 
 def test_evaluate_bottomup_and_predict_images(tiny_coco, tmp_path):
-  config, apply_fn, variables = tiny_coco
+  config, apply_fn, variables, runner = tiny_coco
   records = evaluate_bottomup.load_image_records(config)
   assert [r["image_id"] for r in records] == [785, 40083, 196141, 197388]
+  records = records[:2]                 # 425 x 640 and 333 x 500: both a 128 x 256 input
   result = evaluate_bottomup.evaluate_bottomup(config, apply_fn, variables, records, workdir=str(tmp_path),
-                                               details=True)
+                                               details=True, runner=runner)
   assert list(result["stats"])[:3] == ["AP", "AP .5", "AP .75"]
   assert all(0 <= v <= 1 or v == -1 for v in result["stats"].values())
-  assert os.path.isfile(result["results_file"])
-  assert all(len(p.scores) <= 20 for p in result["predictions"])
-  out = evaluate_bottomup.predict_images(config, variables, apply_fn, records[0]["file"], str(tmp_path / "pred"))
+  assert all(len(p.scores) == 20 for p in result["predictions"])
+  with open(result["results_file"], encoding="utf-8") as f:
+    assert len(json.load(f)) == 40
+  out = evaluate_bottomup.predict_images(config, variables, apply_fn, records[0]["file"], str(tmp_path / "pred"),
+                                         runner=runner)
   assert os.path.isfile(out["keypoints_file"]) and len(out["rendered"]) == 1 and os.path.isfile(out["rendered"][0])
+  assert len(out["results"]) == 20
   for r in out["results"]:
     assert r["image_file"] == "000000000785.jpg" and len(r["keypoints"]) == 51 and len(r["bbox"]) == 4
-
-
-def test_evaluate_mpii_with_the_network_maps_joints_back():
-  config = sample_config("mpii", tiny=True)
-  config.test.scale_factors = (1.0,)
-  model = build_model(config)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)), train=False)
-  records = evaluate_bottomup.load_image_records(config)[:2]
-  with open(config.data.val_annotations, encoding="utf-8") as f:
-    entries = json.load(f)
-  indices = [p["index"] for r in records for p in r["people"]]
-  gt = evaluate_bottomup.mpii_gt_from_entries([entries[i] for i in indices])
-  for r in records:
-    for p in r["people"]:
-      p["index"] = indices.index(p["index"])
-  stats = evaluate_bottomup.evaluate_bottomup(config, lambda v, x: model.apply(v, x, train=False), variables,
-                                              records, mpii_gt=gt)
-  assert list(stats)[-2:] == ["Mean", "Mean@0.1"]
-  # The joint order goes back to MPII's: a prediction made in network order is written at joint_order[k].
-  network = np.arange(16 * 3, dtype=np.float64).reshape(1, 16, 3)
-  back = evaluate_bottomup.to_annotation_order(config, network)
-  np.testing.assert_array_equal(back[0, list(config.data.joint_order)], network[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +263,7 @@ def test_time_postprocess_reports_both_parts():
 
 
 def test_grouping_benchmark_ideal_is_perfect_and_noise_costs_accuracy():
-  config = meme_jax.load_config("configs/dem_w32_coco.py:tiny")
+  config = COCO
   variants = {"default": grouping.GroupingParams.from_config(config),
               "mrm": dataclasses.replace(grouping.GroupingParams.from_config(config), mrm=True)}
   ideal = bottomup.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320), noise=None,

@@ -22,7 +22,7 @@ import torch
 import meme_jax
 from meme_jax import convert, pretrained
 from meme_jax.models import build_model
-from meme_jax.models import eeffnet, fusion
+from meme_jax.models import fusion
 from conftest import REPO_ROOT, shared_path
 
 pytestmark = pytest.mark.xdist_group("eeffpose")
@@ -258,7 +258,7 @@ def test_copied_branches_take_drop_rates_of_the_new_stage():
 
 def test_config_is_validated():
   for field, value in (("backbone", "resnet"), ("neck", "fpn"), ("head", "max"), ("efficientnet", "b3"),
-                       ("dtype", "int8")):
+                       ("dtype", "int8"), ("depthwise_impl", "fft")):
     with pytest.raises(ValueError, match=f"config.model.{field}"):
       build_model(_config(**{field: value}))
   config = _config()
@@ -649,7 +649,8 @@ def test_pretrained_files_for_another_model_are_rejected(tmp_path):
   assert "EfficientDet checkpoint" in str(info.value)
   with pytest.raises(convert.CheckpointMismatchError, match="missing keys"):
     pretrained.imagenet_state_dict(p0_backbone, _config())   # an EfficientDet file given as the ImageNet one
-  d2_backbone = {f"backbone.{k}": v for k, v in _fake_backbone_tensors(seed=4, tsv="eeffpose_p2_state_dict.tsv").items()}
+  d2_tensors = _fake_backbone_tensors(seed=4, tsv="eeffpose_p2_state_dict.tsv")
+  d2_backbone = {f"backbone.{k}": v for k, v in d2_tensors.items()}
   assert len(pretrained.efficientdet_backbone_state_dict(d2_backbone, _config(P2))) == 5 + 2 * 14 + 21 * 19
   with pytest.raises(convert.CheckpointMismatchError, match="unexpected keys"):
     pretrained.efficientdet_backbone_state_dict(d2_backbone, _config())

@@ -115,10 +115,12 @@ class SeparableConv(nn.Module):
   channels: int
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = conv2d(self.channels, 3, groups=self.channels, init="glorot", dtype=self.dtype, name="conv_dw")(x)
+    x = conv2d(self.channels, 3, groups=self.channels, init="glorot", dtype=self.dtype,
+               depthwise_impl=self.depthwise_impl, name="conv_dw")(x)
     x = conv2d(self.channels, 1, use_bias=True, init="glorot", dtype=self.dtype, name="conv_pw")(x)
     return BatchNorm(BIFPN_BN_EPS, BIFPN_BN_MOMENTUM, self.bn_group_size, name="bn")(x, not train)
 
@@ -127,10 +129,12 @@ class AfterCombine(nn.Module):
   channels: int
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    return SeparableConv(self.channels, self.bn_group_size, self.dtype, name="conv")(nn.silu(x), train)
+    return SeparableConv(self.channels, self.bn_group_size, self.dtype, self.depthwise_impl,
+                         name="conv")(nn.silu(x), train)
 
 
 class Fnode(nn.Module):
@@ -141,12 +145,14 @@ class Fnode(nn.Module):
   fpn_channels: int
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, features: Sequence[Any], train: bool = False):
     x = FpnCombine(self.offsets, self.in_channels, self.in_levels, self.level, self.fpn_channels,
                    self.bn_group_size, self.dtype, name="combine")(features, train)
-    return AfterCombine(self.fpn_channels, self.bn_group_size, self.dtype, name="after_combine")(x, train)
+    return AfterCombine(self.fpn_channels, self.bn_group_size, self.dtype, self.depthwise_impl,
+                        name="after_combine")(x, train)
 
 
 class BiFpnLayer(nn.Module):
@@ -155,6 +161,7 @@ class BiFpnLayer(nn.Module):
   fpn_channels: int
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, features: Sequence[Any], train: bool = False) -> List[Any]:
@@ -164,7 +171,7 @@ class BiFpnLayer(nn.Module):
     levels = list(range(MIN_LEVEL, MAX_LEVEL + 1))
     for k, (level, offsets) in enumerate(bifpn_nodes()):
       node = Fnode(offsets, tuple(channels), tuple(levels), level, self.fpn_channels, self.bn_group_size,
-                   self.dtype, name=f"fnode_{k}")
+                   self.dtype, self.depthwise_impl, name=f"fnode_{k}")
       features.append(node(features, train))
       channels.append(self.fpn_channels)
       levels.append(level)
@@ -178,6 +185,7 @@ class BiFPN(nn.Module):
   cell_repeats: int = 3
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, features: Sequence[Any], train: bool = False, drop_path: bool = True) -> List[Any]:
@@ -199,6 +207,6 @@ class BiFPN(nn.Module):
                          f"(use an input whose sides are multiples of 64)")
     for r in range(self.cell_repeats):
       features = BiFpnLayer(tuple(channels), self.fpn_channels, self.bn_group_size, self.dtype,
-                            name=f"cell_{r}")(features, train)
+                            self.depthwise_impl, name=f"cell_{r}")(features, train)
       channels = [self.fpn_channels] * num_levels
     return features

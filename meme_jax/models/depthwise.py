@@ -11,8 +11,9 @@ gradient is k*k per-channel reductions; plain autodiff would materialise k*k pad
 the library convolution is the fast path. Both give the same result to float rounding.
 """
 import functools
-from typing import Sequence, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -117,4 +118,28 @@ def check_impl(impl: str) -> str:
   return impl
 
 
-__all__: Sequence[str] = ("depthwise_conv", "same_padding", "resolve_padding", "check_impl")
+class DepthwiseConv(nn.Module):
+  """A bias-free depthwise conv layer with the parameter layout of `nn.Conv(feature_group_count=C)`.
+
+  The kernel is `kernel` of shape (k, k, 1, C), so checkpoints and the converter see an ordinary grouped conv.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: Any = "SAME"
+  impl: str = "auto"
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if x.shape[-1] != self.features:
+      raise ValueError(f"{self.name}: depthwise conv of {self.features} channels got an input of {x.shape[-1]}")
+    kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, self.features),
+                        self.param_dtype)
+    dtype = self.dtype or x.dtype
+    return depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, self.padding, self.impl)
+
+
+__all__: Sequence[str] = ("depthwise_conv", "DepthwiseConv", "same_padding", "resolve_padding", "check_impl")

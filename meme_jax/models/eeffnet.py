@@ -47,9 +47,11 @@ class HighResolutionBlock(nn.Module):
   fuse: bool = False
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   def _block(self, spec: BlockSpec) -> EfficientNetBlock:
-    return EfficientNetBlock(spec, bn_group_size=self.bn_group_size, dtype=self.dtype)
+    return EfficientNetBlock(spec, bn_group_size=self.bn_group_size, dtype=self.dtype,
+                             depthwise_impl=self.depthwise_impl)
 
   def setup(self):
     branches = []
@@ -63,7 +65,7 @@ class HighResolutionBlock(nn.Module):
     channels = tuple(s.out_channels for s in self.sources) + (self.stage[-1].out_channels,)
     if self.fuse and len(channels) > 1:
       rates = (self.stage[-1].drop_path_rate,) * len(channels)
-      self.fuse_layers = TotalFusion(channels, channels, rates, self.bn_group_size, self.dtype)
+      self.fuse_layers = TotalFusion(channels, channels, rates, self.bn_group_size, self.dtype, self.depthwise_impl)
     else:
       self.fuse_layers = None
 
@@ -98,7 +100,7 @@ class HighResolutionBlock(nn.Module):
 
 
 def build_hr_backbone(variant: str, drop_path_rate: float = 0.2, fuse_dense: bool = True, recurrent: bool = False,
-                      bn_group_size: int = 0, dtype: Any = jnp.float32) -> list:
+                      bn_group_size: int = 0, dtype: Any = jnp.float32, depthwise_impl: str = "auto") -> list:
   """The modules `hr_backbone.0..9` for a parent's `setup` (index 2, the SiLU, has no module)."""
   stages = efficientnet_stages(variant, drop_path_rate)
   layers = [
@@ -110,7 +112,7 @@ def build_hr_backbone(variant: str, drop_path_rate: float = 0.2, fuse_dense: boo
   for t, stage in enumerate(stages):
     layers.append(HighResolutionBlock(stage=stage, sources=tuple(sources), recurrent=recurrent,
                                       fuse=fuse_dense or t == ALWAYS_FUSED_STAGE, bn_group_size=bn_group_size,
-                                      dtype=dtype))
+                                      dtype=dtype, depthwise_impl=depthwise_impl))
     if t in BRANCH_STAGES:
       sources.append(stage[-1])
   return layers

@@ -5,7 +5,8 @@
 - `neck`: 'tfneck' (TotalFusion cells, `fpn_{k}`) | 'bifpn' (EfficientDet BiFPN, `fpn`);
 - `head`: 'attention' (FAHead, product of sigmoids) | 'sum';
 - `efficientnet` 'b0' | 'b2', `fpn_channels`, `fpn_cell_repeats`, `drop_path_rate`, `fuse_dense`, `recurrent`,
-  `num_joints`, `dtype` (compute dtype; parameters and BatchNorm statistics stay float32);
+  `num_joints`, `dtype` (compute dtype; parameters and BatchNorm statistics stay float32), `depthwise_impl`
+  ('auto' | 'shift' | 'conv', see `meme_jax.models.depthwise`; optional, default 'auto');
 and `config.train.bn_group_size` (BatchNorm statistics over groups of that many samples; 0 = whole batch).
 
 `module.apply(variables, images, train=False)` maps normalised NHWC float32 images (N, H, W, 3) to float32 heatmaps
@@ -20,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from meme_jax.models import eeffnet, fusion
+from meme_jax.models import depthwise, eeffnet, fusion
 from meme_jax.models.bifpn import BiFPN
 from meme_jax.models.efficientnet import VARIANTS, EfficientNetFeatures, feature_channels
 from meme_jax.models.heads import FinalHead
@@ -45,21 +46,23 @@ class EEffPose(nn.Module):
   num_joints: int = 17
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   def setup(self):
     in_channels = feature_channels(self.efficientnet)
     if self.backbone == "eeffnet":
       self.hr_backbone = eeffnet.build_hr_backbone(self.efficientnet, self.drop_path_rate, self.fuse_dense,
-                                                   self.recurrent, self.bn_group_size, self.dtype)
+                                                   self.recurrent, self.bn_group_size, self.dtype,
+                                                   self.depthwise_impl)
     else:
       self.hr_backbone = EfficientNetFeatures(self.efficientnet, self.drop_path_rate, self.bn_group_size,
-                                              self.dtype)
+                                              self.dtype, self.depthwise_impl)
     if self.neck == "tfneck":
       self.fpn = fusion.tf_neck(in_channels, self.fpn_channels, self.fpn_cell_repeats, self.drop_path_rate,
-                                self.bn_group_size, self.dtype)
+                                self.bn_group_size, self.dtype, self.depthwise_impl)
     else:
       self.fpn = BiFPN(tuple(in_channels), self.fpn_channels, self.fpn_cell_repeats, self.bn_group_size,
-                       self.dtype)
+                       self.dtype, self.depthwise_impl)
     self.final_layer = FinalHead(self.num_joints, attention=self.head == "attention",
                                  bn_group_size=self.bn_group_size)
 
@@ -106,6 +109,7 @@ def build_eeffpose(config) -> EEffPose:
       raise ValueError(f"config.model.{name}={value}: must be >= 1")
   if not 0.0 <= drop_path_rate < 1.0:
     raise ValueError(f"config.model.drop_path_rate={drop_path_rate}: must be in [0, 1)")
+  depthwise_impl = depthwise.check_impl(m.get("depthwise_impl", "auto"))
   recurrent = bool(m.get("recurrent", False))
   fuse_dense = bool(m.get("fuse_dense", True))
   if backbone == "efficientnet" and recurrent:
@@ -116,4 +120,5 @@ def build_eeffpose(config) -> EEffPose:
     raise ValueError(f"config.train.bn_group_size={group_size}: must be >= 0")
   return EEffPose(backbone=backbone, neck=neck, head=head, efficientnet=variant, fpn_channels=fpn_channels,
                   fpn_cell_repeats=cell_repeats, drop_path_rate=drop_path_rate, fuse_dense=fuse_dense,
-                  recurrent=recurrent, num_joints=num_joints, bn_group_size=group_size, dtype=DTYPES[dtype_name])
+                  recurrent=recurrent, num_joints=num_joints, bn_group_size=group_size, dtype=DTYPES[dtype_name],
+                  depthwise_impl=depthwise_impl)

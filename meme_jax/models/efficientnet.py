@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from meme_jax.models.depthwise import DepthwiseConv
 from meme_jax.models.layers import BatchNorm, drop_path as _drop_path
 
 # BatchNorm of the backbone (timm tf_ variants): eps 1e-3, torch momentum 0.1 -> Flax 0.9.
@@ -77,8 +78,17 @@ def conv_kernel_init(style: str, groups: int = 1):
 
 
 def conv2d(features: int, kernel_size: int, *, stride: int = 1, groups: int = 1, use_bias: bool = False,
-           init: str = "timm", dtype: Any = jnp.float32, name: str = None) -> nn.Conv:
-  """An NHWC convolution with TF 'SAME' padding, float32 parameters and `dtype` compute."""
+           init: str = "timm", dtype: Any = jnp.float32, depthwise_impl: str = "auto", name: str = None):
+  """An NHWC convolution with TF 'SAME' padding, float32 parameters and `dtype` compute.
+
+  Depthwise convolutions (groups == features) use `DepthwiseConv` (same `kernel` layout), whose `depthwise_impl`
+  'auto' picks a fused shift-and-add on CPU, where XLA's grouped convolution is slow, and the library convolution
+  elsewhere.
+  """
+  if groups > 1 and groups == features and not use_bias:
+    return DepthwiseConv(features, kernel_size, stride=stride, padding="SAME", impl=depthwise_impl,
+                         kernel_init=conv_kernel_init(init, groups), dtype=dtype, param_dtype=jnp.float32,
+                         name=name)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding="SAME",
                  feature_group_count=groups, use_bias=use_bias, kernel_init=conv_kernel_init(init, groups),
                  bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, name=name)
@@ -211,6 +221,7 @@ class EfficientNetBlock(nn.Module):
   bn_group_size: int = 0
   init: str = "timm"
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   def _bn(self, name):
     return BatchNorm(epsilon=self.bn_epsilon, momentum=self.bn_momentum, group_size=self.bn_group_size,
@@ -222,7 +233,8 @@ class EfficientNetBlock(nn.Module):
     use_stats = not train
     shortcut = x
     conv = lambda features, k, name, stride=1, groups=1: conv2d(  # noqa: E731
-        features, k, stride=stride, groups=groups, init=self.init, dtype=self.dtype, name=name)
+        features, k, stride=stride, groups=groups, init=self.init, dtype=self.dtype,
+        depthwise_impl=self.depthwise_impl, name=name)
     if spec.kind == "ds":
       x = conv(spec.mid_channels, spec.kernel_size, "conv_dw", spec.stride, spec.mid_channels)(x)
       x = nn.silu(self._bn("bn1")(x, use_stats))
@@ -264,6 +276,7 @@ class EfficientNetFeatures(nn.Module):
   drop_path_rate: float = 0.2
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False, drop_path: bool = True):
@@ -275,7 +288,7 @@ class EfficientNetFeatures(nn.Module):
     for s, stage in enumerate(stages):
       for j, spec in enumerate(stage):
         x = EfficientNetBlock(spec, bn_group_size=self.bn_group_size, dtype=self.dtype,
-                              name=f"blocks_{s}_{j}")(x, train, drop_path)
+                              depthwise_impl=self.depthwise_impl, name=f"blocks_{s}_{j}")(x, train, drop_path)
       if s in FEATURE_STAGES:
         features.append(x)
     return features

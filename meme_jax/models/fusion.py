@@ -135,11 +135,11 @@ def mbblock_spec(channels: int, drop_path_rate: float) -> BlockSpec:
 
 
 def MBBlock(channels: int, drop_path_rate: float, bn_group_size: int = 0, dtype: Any = jnp.float32,
-            name: str = None) -> EfficientNetBlock:  # pylint: disable=invalid-name
+            depthwise_impl: str = "auto", name: str = None) -> EfficientNetBlock:  # pylint: disable=invalid-name
   """EEffPose's MBBlock: an inverted residual with no residual, drop path on its output, BN eps 1e-5."""
   return EfficientNetBlock(mbblock_spec(channels, drop_path_rate), residual=False, drop_path_without_residual=True,
                            bn_epsilon=MBBLOCK_BN_EPS, bn_momentum=MBBLOCK_BN_MOMENTUM, bn_group_size=bn_group_size,
-                           init="glorot", dtype=dtype, name=name)
+                           init="glorot", dtype=dtype, depthwise_impl=depthwise_impl, name=name)
 
 
 class TotalFusion(nn.Module):
@@ -149,6 +149,7 @@ class TotalFusion(nn.Module):
   drop_path_rates: Tuple[float, ...]
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: Sequence[Any], train: bool = False, drop_path: bool = True) -> List[Any]:
@@ -159,14 +160,15 @@ class TotalFusion(nn.Module):
     for i, (c_in, c_out, rate) in enumerate(zip(self.in_channels, self.out_channels, self.drop_path_rates)):
       mixed = WeightedAdd(tuple(self.in_channels), c_out, i, self.bn_group_size, self.dtype,
                           name=f"addup_layers_{i}")(inputs, train)
-      mixed = MBBlock(c_out, rate, self.bn_group_size, self.dtype, name=f"mixup_layers_{i}")(mixed, train, drop_path)
+      mixed = MBBlock(c_out, rate, self.bn_group_size, self.dtype, self.depthwise_impl,
+                      name=f"mixup_layers_{i}")(mixed, train, drop_path)
       fixed = Identity(c_in, c_out, self.bn_group_size, self.dtype, name=f"fixup_layers_{i}")(inputs[i], train)
       outputs.append(mixed + fixed)
     return outputs
 
 
 def tf_neck(in_channels: Sequence[int], fpn_channels: int, cell_repeats: int, drop_path_rate: float,
-            bn_group_size: int = 0, dtype: Any = jnp.float32) -> List[TotalFusion]:
+            bn_group_size: int = 0, dtype: Any = jnp.float32, depthwise_impl: str = "auto") -> List[TotalFusion]:
   """The TFNeck: `cell_repeats` TotalFusion cells, the first mapping `in_channels` to `fpn_channels`.
 
   Returned as a list rather than wrapped in a module, because the original state_dict names the cells `fpn.{k}`
@@ -177,8 +179,10 @@ def tf_neck(in_channels: Sequence[int], fpn_channels: int, cell_repeats: int, dr
     raise ValueError(f"fpn_cell_repeats must be >= 1, got {cell_repeats}")
   out_channels = (int(fpn_channels),) * len(in_channels)
   rates = (float(drop_path_rate),) * len(in_channels)
-  cells = [TotalFusion(tuple(int(c) for c in in_channels), out_channels, rates, bn_group_size, dtype)]
-  cells += [TotalFusion(out_channels, out_channels, rates, bn_group_size, dtype) for _ in range(cell_repeats - 1)]
+  cells = [TotalFusion(tuple(int(c) for c in in_channels), out_channels, rates, bn_group_size, dtype,
+                       depthwise_impl)]
+  cells += [TotalFusion(out_channels, out_channels, rates, bn_group_size, dtype, depthwise_impl)
+            for _ in range(cell_repeats - 1)]
   return cells
 
 
