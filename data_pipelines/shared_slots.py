@@ -115,12 +115,27 @@ class LocalSlots:
     self.__init__(state["nbytes"], state["max_slots"])
 
 
+def _unlink_all(segments: Dict[str, shared_memory.SharedMemory]) -> None:
+  for shm in list(segments.values()):
+    try:
+      shm.unlink()
+    except FileNotFoundError:
+      pass
+
+
 class SlotReader:
   """Main side: maps slots by name (once) and returns buffers whose garbage collection frees the slot."""
 
   def __init__(self):
     self._segments: Dict[str, shared_memory.SharedMemory] = {}
     self._flags: Dict[str, np.ndarray] = {}
+    # The workers unlink their segments when they end normally; when they are killed (interpreter exit, a closed
+    # iterator whose workers did not stop in time) this does it, at close() or at exit.
+    self._finalizer = weakref.finalize(self, _unlink_all, self._segments)
+
+  def unlink_all(self) -> None:
+    """Removes the names of every segment seen (mappings stay valid while arrays use them)."""
+    self._finalizer()
 
   def _open(self, name: str) -> shared_memory.SharedMemory:
     shm = self._segments.get(name)

@@ -10,9 +10,10 @@ two paths agree. Building:
     from data_pipelines import tfds_builders
     tfds_builders.build(config, data_dir='/data/tfds')        # config.data: COCO-format or MPII sources
 
-Training and evaluation on the result: set `config.data.tfds_name` (the builder config name, default the dataset
-name) and `config.data.tfds_dir`; `topdown.load_records` then reads the person records from the array_record files
-(one pass) and the pipelines fetch image bytes by random access (`tfds://` image references).
+Training and evaluation on the result: set `config.data.tfds_dir` (the data_dir given to `build`) and, if the
+builder config name is not the dataset name, `config.data.tfds_name`; `topdown.load_records` then reads the person
+records from the array_record files (one pass, through grain) and the pipelines fetch each image's bytes by random
+access (`tfds://` image references).
 """
 import functools
 import os
@@ -130,7 +131,7 @@ def _data_source(builder_dir: str, split: str):
 
 def _builder_dir(config) -> str:
   data = config.data
-  builder = TopDownKeypoints(data_dir=data.tfds_dir, config=_config_name(data))
+  builder = TopDownKeypoints(data_dir=data.get("tfds_dir", "") or None, config=_config_name(data))
   return str(builder.data_dir)
 
 

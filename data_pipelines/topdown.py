@@ -21,9 +21,11 @@ often in one batch than in a uniform shuffle (each batch is drawn from the perso
 Evaluation (`eval_batches`) crops records in order (decoding an image once for all its persons in a batch), with a
 fixed batch shape: the last batch is padded and `valid` marks the real entries.
 """
+import atexit
 import dataclasses
 import math
 import sys
+import weakref
 from typing import Any, Dict, Iterator, List, Optional
 
 from absl import flags
@@ -57,7 +59,7 @@ def load_records(config, split: str, report: Optional[SkipReport] = None) -> Lis
   data = config.data
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-  if data.get("tfds_name", ""):
+  if data.get("tfds_name", "") or data.get("tfds_dir", ""):
     from data_pipelines import tfds_builders   # optional dependency
     return tfds_builders.load_tfds_records(config, split)
   if data.dataset == "synthetic":
@@ -413,6 +415,10 @@ class _BatchesIterator(grain.DatasetIterator):
     self.next_batch += 1
     return {k: self.chunk[k][m].view(np.ndarray) for k in ("image", "heatmaps", "target_weight")}
 
+  def close(self) -> None:
+    super().close()          # stops the workers
+    self.slots.unlink_all()
+
   def get_state(self):
     return dict(parent=self.parent_state, next_batch=self.next_batch if self.chunk is not None else -1,
                 chunks_done=self.chunks_done, skipped=dict(self.skipped), skipped_total=self.skipped_total,
@@ -431,6 +437,20 @@ class _BatchesIterator(grain.DatasetIterator):
       # Re-read the chunk the state was in (already counted) and go on after the batches already handed out.
       self.chunk = self._receive(next(self._parent))
       self.next_batch = int(state["next_batch"])
+
+
+# Training iterators still open at interpreter exit are closed while the modules they need still exist (grain's own
+# clean-up at garbage collection fails once the interpreter has torn them down, and its workers would be killed).
+_LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for iterator in list(_LIVE_ITERATORS):
+    try:
+      iterator.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -467,7 +487,9 @@ class TrainLoader:
     return max(1, self.plan.epoch_length // self.plan.batch_size)
 
   def __iter__(self) -> grain.DatasetIterator:
-    return iter(self.dataset)
+    iterator = iter(self.dataset)
+    _LIVE_ITERATORS.add(iterator)
+    return iterator
 
   def skip_counts(self, iterator) -> Dict[str, int]:
     """Skip counters of an iterator of this loader, as of the batches it has returned: epoch (the current one),

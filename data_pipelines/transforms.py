@@ -49,8 +49,8 @@ class Compose:
 
 class HalfBody:
   """With probability `prob`, when more than `num_joints_half_body` joints are visible, re-centres the box on the
-  upper or the lower body (spec 4.4 step 2). A selection whose joints all coincide would give a zero-size box, so it
-  keeps the full box (the original would crop nothing there)."""
+  upper or the lower body (spec 4.4 step 2). A selection whose joints all coincide would give a zero-size box (the
+  original then builds a degenerate affine and crops nothing usable); such a sample keeps its full box."""
 
   def __init__(self, upper_body_ids: Sequence[int], num_joints: int, prob: float = 0.3, num_joints_half_body: int = 8,
                aspect_ratio: float = 0.75, padding: float = 1.5, pixel_std: float = 200.0):
@@ -221,6 +221,11 @@ def train_steps(data_config) -> List[Callable]:
   """The original training augmentation (spec 4.4) from a config's data section, step by step."""
   steps: List[Callable] = []
   num_joints = int(data_config.num_joints)
+  for name, ids in (("flip_pairs", [j for pair in data_config.flip_pairs for j in pair]),
+                    ("upper_body_ids", list(data_config.upper_body_ids))):
+    if any(not 0 <= int(j) < num_joints for j in ids):
+      raise ValueError(f"config.data.{name} refers to joints outside 0..{num_joints - 1} (num_joints={num_joints}); "
+                       f"set it for this dataset's keypoints")
   if data_config.prob_half_body > 0:
     steps.append(HalfBody(data_config.upper_body_ids, num_joints, data_config.prob_half_body,
                           data_config.num_joints_half_body, aspect_ratio=data_config.image_size[0]

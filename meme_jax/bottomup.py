@@ -164,8 +164,6 @@ def resize_bilinear(x, height: int, width: int):
   return x
 
 
-_resize = resize_bilinear
-
 
 def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGroups, *, flip: bool,
                     average_quarter: bool, offset_factor, with_tags: bool = True):
@@ -180,12 +178,12 @@ def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGro
   off_q, off_h, ae_q, hm_h = outputs
   k = groups.num_points
   height, width = hm_h.shape[1:3]
-  ae = _resize(ae_q, height, width)
+  ae = resize_bilinear(ae_q, height, width)
   heat = hm_h[..., :k]
   if average_quarter:
     heat = (heat + ae[..., :k]) / 2.0
   tags = ae[..., k:2 * k]
-  offsets = (_resize(off_q, height, width) + off_h) / 2.0
+  offsets = (resize_bilinear(off_q, height, width) + off_h) / 2.0
   if flip:
     perm = groups.flip_permutation()
     heat = (heat[0] + heat[1, :, ::-1][..., perm]) / 2.0
@@ -195,11 +193,11 @@ def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGro
     offsets = (offsets[0] + mirrored) / 2.0
   else:
     heat, tags, offsets = heat[0], jnp.concatenate([tags[0], tags[0]], axis=-1), offsets[0]
-  heat = _resize(heat[None], *base_hw)[0]
-  offsets = _resize(offsets[None], *base_hw)[0] * offset_factor
+  heat = resize_bilinear(heat[None], *base_hw)[0]
+  offsets = resize_bilinear(offsets[None], *base_hw)[0] * offset_factor
   if not with_tags:
     return heat, None, offsets
-  tags = _resize(tags[None], *base_hw)[0]
+  tags = resize_bilinear(tags[None], *base_hw)[0]
   tags = jnp.stack([tags[..., :k], tags[..., k:]], axis=-1)
   return heat, tags, offsets
 
@@ -589,9 +587,11 @@ def scene_outputs(codec, keypoints: np.ndarray, image_hw: Tuple[int, int], optio
                   rng: Optional[np.random.Generator] = None, noise: Optional[OutputNoise] = None,
                   person_tags: Optional[Sequence[float]] = None) -> List[Tuple[float, Tuple[np.ndarray, ...]]]:
   """[(scale, outputs)] a network would give for image keypoints (N, J, 3) at every test scale of `options`:
-  ideal outputs, or with `noise` (and `rng`) simulated errors (the same people, fresh draws per scale)."""
+  ideal outputs, or with `noise` (and `rng`) simulated errors. The errors are drawn once per scene, in units of the
+  person's size, so every scale sees the same mistakes in image space (only the per-pixel heatmap noise differs)."""
   height, width = image_hw
   min_scale = min(options.scale_factors)
+  scene_seed = int(rng.integers(2 ** 31)) if noise is not None else 0
   keypoints = np.asarray(keypoints, np.float64).reshape(-1, codec.num_joints, 3)
   result = []
   for s in sorted(options.scale_factors, reverse=True):
@@ -606,8 +606,8 @@ def scene_outputs(codec, keypoints: np.ndarray, image_hw: Tuple[int, int], optio
         mirrored = ideal_outputs(codec, people, input_hw, tags, flip=True, input_size=options.input_size)
         outputs = tuple(np.concatenate(pair, axis=0) for pair in zip(outputs, mirrored))
     else:
-      outputs = noisy_outputs(codec, people, input_hw, tags, rng, noise, input_size=options.input_size,
-                              flip_test=options.flip_test)
+      outputs = noisy_outputs(codec, people, input_hw, tags, np.random.default_rng(scene_seed), noise,
+                              input_size=options.input_size, flip_test=options.flip_test)
     result.append((s, outputs))
   return result
 
@@ -695,8 +695,8 @@ def time_postprocess(config, *, image_hw: Tuple[int, int] = (480, 640), num_peop
 
   def postprocess():
     maps = runner.maps_from_outputs(outputs, image_hw)
+    jax.block_until_ready(maps[:3])
     t_maps = time.perf_counter()
-    jax.block_until_ready(maps.heatmaps)
     prediction = predict_from_maps(maps, runner.groups, runner.params)
     return prediction, time.perf_counter() - t_maps
 

@@ -416,12 +416,20 @@ def main(argv):
     if getattr(fl, name) is None:
       raise app.UsageError(f"--{name} is required")
   config = fl.config
-  if config.model.get("name", "eeffpose") != "eeffpose":
-    raise app.UsageError(f"meme_jax.predict runs top-down models; config.model.name is {config.model.name!r}")
+  name = config.model.get("name", "eeffpose")
+  if name not in ("eeffpose", "dem"):
+    raise app.UsageError(f"meme_jax.predict runs 'eeffpose' and 'dem' models; config.model.name is {name!r}")
   variables = load_checkpoint(fl.checkpoint, config)
-  out = run(config, variables, build_apply_fn(config), fl.input, fl.output, detections=fl.detections,
-            boxes=fl.box, min_box_score=fl.min_box_score, draw_threshold=fl.draw_threshold,
-            max_frames=fl.max_frames, render=fl.render)
+  if name == "dem":
+    # Bottom-up: whole images, no boxes (--detections / --box are not used).
+    from meme_jax import evaluate_bottomup  # pylint: disable=import-outside-toplevel
+    out = evaluate_bottomup.predict_images(config, variables, build_apply_fn(config), fl.input, fl.output,
+                                           draw_threshold=fl.draw_threshold, max_frames=fl.max_frames,
+                                           render=fl.render)
+  else:
+    out = run(config, variables, build_apply_fn(config), fl.input, fl.output, detections=fl.detections,
+              boxes=fl.box, min_box_score=fl.min_box_score, draw_threshold=fl.draw_threshold,
+              max_frames=fl.max_frames, render=fl.render)
   print(f"{len(out['results'])} poses -> {out['keypoints_file']}")
   for path in out["rendered"][:10]:
     print(f"  {path}")

@@ -37,12 +37,20 @@ def main(argv):
   config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required")
-  records = evaluate.load_eval_records(config, use_gt_bbox=True)
-  evaluation = evaluate.codec_upper_bound(config, records, workdir=flags.FLAGS.workdir, details=True)
-  stats = evaluation.stats
-  print(f"codec upper bound ({config.test.get('post_process', 'quarter')}, flip test "
-        f"{'on' if config.test.get('flip_test', True) else 'off'}) on {len(records)} persons of "
-        f"{int(evaluation.timing['images'])} images ({config.data.val_annotations}):")
+  if config.model.get("name", "eeffpose") == "dem":
+    # Bottom-up: ideal DEM outputs (heatmaps, offsets, tags) of whole images, then grouping (meme_jax.bottomup).
+    from meme_jax import evaluate_bottomup  # pylint: disable=import-outside-toplevel
+    records = evaluate_bottomup.load_image_records(config)
+    stats = evaluate_bottomup.codec_upper_bound(config, records, workdir=flags.FLAGS.workdir)
+    print(f"DEM codec upper bound (scale 1.0, flip test {'on' if config.test.get('flip_test', True) else 'off'}) "
+          f"on {len(records)} images ({config.data.val_annotations}):")
+  else:
+    records = evaluate.load_eval_records(config, use_gt_bbox=True)
+    evaluation = evaluate.codec_upper_bound(config, records, workdir=flags.FLAGS.workdir, details=True)
+    stats = evaluation.stats
+    print(f"codec upper bound ({config.test.get('post_process', 'quarter')}, flip test "
+          f"{'on' if config.test.get('flip_test', True) else 'off'}) on {len(records)} persons of "
+          f"{int(evaluation.timing['images'])} images ({config.data.val_annotations}):")
   for name, value in stats.items():
     print(f"  {name:10s} {value:.4f}")
   if flags.FLAGS.output:

@@ -226,3 +226,34 @@ def test_eval_skips_unreadable_images_when_allowed(broken_copy):
   valid = np.concatenate([b["valid"] for b in out])
   image_ids = np.concatenate([b["image_id"] for b in out])
   assert valid.sum() == 7 and not valid[image_ids == 197388].any()
+
+
+def test_shared_slots_are_reused_only_when_released():
+  import gc    # pylint: disable=g-import-not-at-top
+  from data_pipelines import shared_slots   # pylint: disable=g-import-not-at-top
+  arrays, nbytes = shared_slots.layout(dict(a=((2, 3), np.float32), b=((5,), np.int64)))
+  pool = shared_slots.SlotPool(nbytes, max_slots=2)
+  reader = shared_slots.SlotReader()
+  try:
+    first, buffer = pool.acquire()
+    shared_slots.views(buffer, arrays)["a"][:] = 7.0
+    received = shared_slots.views(reader.buffer(first), arrays)
+    np.testing.assert_array_equal(received["a"], np.full((2, 3), 7.0))
+    row = received["a"][1].view(np.ndarray)        # a view handed on, as batches are
+    del received
+    gc.collect()
+    second, _ = pool.acquire()
+    assert second["index"] != first["index"]          # the first slot is still referenced by `row`
+    assert pool.acquire() is None                     # both in use: the caller falls back to fresh memory
+    del row
+    gc.collect()
+    again, _ = pool.acquire()
+    assert again["index"] == first["index"] and again["name"] == first["name"]
+  finally:
+    reader.unlink_all()
+  local = shared_slots.LocalSlots(64, max_slots=1)
+  held = local.buffer()[8:16].view(np.float32)
+  assert local.flags[0] == 1 and local.buffer().shape == (64,)    # full: a plain array instead
+  del held
+  gc.collect()
+  assert local.flags[0] == 0

@@ -23,7 +23,6 @@ def test_tfds_round_trip(tmp_path):
   dataset_dir = tfds_builders.build(config, str(tmp_path), splits=("train",))
   assert any(name.endswith(".array_record-00000-of-00001") for name in os.listdir(dataset_dir))
   config.data.tfds_dir = str(tmp_path)
-  config.data.tfds_name = "coco"
   records = topdown.load_records(config, "train")
   assert sorted(r["annotation_id"] for r in records) == sorted(direct)
   for r in records:

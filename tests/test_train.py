@@ -211,6 +211,9 @@ def final_state(workdir, config):
   model = task.build_model(config)
   tx = schedules.make_optimizer(config.train)
   abstract = jax.eval_shape(lambda: train.create_state_abstract(model, config, tx))
+  # Checkpoints written on other device layouts (8 devices, 2 processes) restore onto this process's first device.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   ckpt = checkpointing.Checkpointer(checkpointing.default_directory(workdir), asynchronous=False, read_only=True)
   step = ckpt.latest_step()
   state, meta = ckpt.restore(step, abstract)
