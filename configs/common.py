@@ -76,7 +76,9 @@ def train_defaults() -> ml_collections.ConfigDict:
   train.schedule = "plateau"      # 'plateau' (what ran) | 'multistep' (what the yaml says) | 'constant'
   train.lr_factor = 0.3
   train.plateau_patience = 5
-  train.plateau_threshold = 1e-4  # relative, mode 'max' on validation AP
+  train.plateau_threshold = 1e-4  # relative; torch ReduceLROnPlateau mode 'min' stepped with -AP, as the original
+  train.plateau_cooldown = 0      # epochs without reductions after one (torch default)
+  train.min_lr = 0.0
   train.lr_steps = (170, 200)     # epochs, for 'multistep'
   train.grad_accum_steps = 1
   train.mixed_precision = "float32"   # compute dtype: 'float32' | 'bfloat16' (params and optimizer stay float32)
@@ -87,6 +89,11 @@ def train_defaults() -> ml_collections.ConfigDict:
   train.checkpoint_every_epochs = 1
   train.keep_checkpoints = 3
   train.steps_per_epoch = -1      # -1: one pass over the training set
+  train.time_budget_s = 0.0       # > 0: stop training when the run (compilation included) would exceed it with
+  train.time_budget_reserve_s = 60.0  #  the final evaluation, whose cost is estimated as at least this
+  train.async_checkpoints = True  # write checkpoints in the background while training goes on
+  train.profile_steps = 0         # > 0: a JAX profile (TensorBoard) of that many steps ...
+  train.profile_first_step = 10   # ... from this step of the run
   return train
 
 

@@ -61,7 +61,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def synthetic(config: ml_collections.ConfigDict) -> None:
-  """A short run on the built-in synthetic multi-person dataset, sized for a 2-core CPU."""
+  """The main job: the real P0 network, trained briefly on the built-in synthetic dataset on a 2-core CPU.
+
+  Command:  python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic --workdir DIR
+  Runtime:  at most 10 minutes including compilation: `train.time_budget_s` ends training early enough for the final
+            evaluation to fit (on a slow or busy machine after fewer steps).
+  Result:   COCO AP (pycocotools, GT boxes, flip test) on the 64 validation persons, printed with the mean-pose
+            baseline (about 0.009 AP) and written to DIR/summary.json; the run must reach at least twice the baseline.
+
+  The architecture is P0's (9,007,292 parameters); the input is 64x48 (heatmaps 16x12, sigma 1) so a step costs a
+  sixteenth of the original 256x192 one, and the schedule is a few epochs at the original LR without warm-up.
+  """
   config.name = "eeffpose_p0_synthetic"
   config.data.dataset = "synthetic"
   config.data.format = "coco"
@@ -73,10 +83,14 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   config.data.train_images = "data/synthetic/images/train"
   config.data.val_images = "data/synthetic/images/val"
   config.data.val_detections = ""
-  config.data.image_size = (96, 128)
-  config.data.heatmap_size = (24, 32)
+  config.data.image_size = (48, 64)
+  config.data.heatmap_size = (12, 16)
+  config.data.sigma = 1.0                 # 2 px at 64x48 heatmaps is 0.5 px at 16x12: too narrow to learn quickly
+  config.data.num_workers = 1             # one decoding process; the other core runs the train step
   config.train.batch_size = 16
-  config.train.num_epochs = 8
-  config.train.warmup_epochs = 1
+  config.train.num_epochs = 4             # 561 persons: 35 steps an epoch
+  config.train.warmup_epochs = 0
   config.train.schedule = "constant"
+  config.train.log_every_steps = 5
+  config.train.time_budget_s = 570        # whole run, compilation and the final evaluation included
   config.test.batch_size = 32

@@ -500,3 +500,14 @@ def load_eval_records(config, *, use_gt_bbox: Optional[bool] = None) -> List[Dic
   from data_pipelines import coco  # pylint: disable=import-outside-toplevel
   return coco.load_detection_records(data.val_detections, data.val_annotations, data.val_images, data,
                                      float(_test(config, "image_thre", 0.0)))
+
+
+def evaluate_model(config, apply_fn: ApplyFn, variables: Any, records=None, *, workdir: Optional[str] = None,
+                   **kwargs):
+  """Evaluates any model family: top-down (EEffPose) here, bottom-up (DEM) in `meme_jax.evaluate_bottomup`."""
+  if config.model.get("name", "eeffpose") == "dem":
+    from meme_jax import evaluate_bottomup  # pylint: disable=import-outside-toplevel
+    records = records if records is not None else evaluate_bottomup.load_image_records(config)
+    return evaluate_bottomup.evaluate_bottomup(config, apply_fn, variables, records, workdir=workdir, **kwargs)
+  records = records if records is not None else load_eval_records(config)
+  return evaluate_topdown(config, apply_fn, variables, records, workdir=workdir, **kwargs)

@@ -119,7 +119,7 @@ from clu import parameter_overview
 from clu import periodic_actions
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-__all__ = ["metric_writers", "periodic_actions", "clu_metrics", "create_writer", "HeatmapAccuracy",
+__all__ = ["metric_writers", "periodic_actions", "clu_metrics", "create_writers", "HeatmapAccuracy",
            "TopDownMetrics", "heatmap_pck_counts", "ProgressBar", "log_parameter_overview"]
 
 
@@ -128,10 +128,15 @@ def tensorboard_writer(logdir: str):
   return metric_writers.SummaryWriter(logdir)
 
 
-def create_writer(workdir: str, *, asynchronous: bool = True):
-  """Console (absl logging) + TensorBoard in `workdir` on process 0; console only on the other processes."""
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                              asynchronous=asynchronous)
+def create_writers(workdir: str, *, asynchronous: bool = True):
+  """(writer, tensorboard): `writer` logs to the console and, on process 0, to TensorBoard event files in
+  `workdir`; `tensorboard` writes to the event files alone (long texts, hyperparameters), None on other processes.
+  """
+  logging_writer = metric_writers.LoggingWriter()
+  tensorboard = tensorboard_writer(workdir) if jax.process_index() == 0 else None
+  writers = [logging_writer] + ([tensorboard] if tensorboard is not None else [])
+  writer = metric_writers.AsyncMultiWriter(writers) if asynchronous else metric_writers.MultiWriter(writers)
+  return writer, tensorboard
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ A run is resumable bit for bit: the checkpoint holds the state (parameters, batc
 step, RNG, skipped-step count), the schedule state and the data iterator state, the per-step RNG is
 `fold_in(rng, step)`, and the LR of an epoch is a function of the saved schedule state.
 """
+import concurrent.futures
 import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -390,8 +392,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  writer = reporting.create_writer(workdir)
-  writer.write_hparams(_flat_config(config))
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer, tensorboard = reporting.create_writers(workdir)
+  if tensorboard is not None:
+    tensorboard.write_hparams(_flat_config(config))
   logging.info("Devices: %d (%d local) of %s on %d process(es)", jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform, jax.process_count())
 
@@ -412,18 +417,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                batch_per_process, accum)
 
   model = task.build_model(training_config(config))
-  eval_model = task.build_model(config)
   tx = schedules.make_optimizer(train_cfg)
   schedule = schedules.from_config(train_cfg)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+  abstract = abstract_state(model, config, tx, mesh)
+  step_fn = jit_train_step(make_train_step(model, task, tx, accum_steps=accum, mesh=mesh), abstract, mesh)
 
-  t = time.time()
-  variables = initial_variables(model, config, init_rng)
-  state = create_state(variables, tx, state_rng, mesh)
-  del variables
-  init_s = time.time() - t
+  # The train step compiles ahead of time, from shapes alone, in a second thread while the variables are
+  # initialised: on a CPU each takes minutes on one core. Compiling first also shows a shape or sharding error
+  # before any data is read, and separates compile time from training time.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    compiling = pool.submit(_timed, lambda: step_fn.lower(
+        abstract, _batch_spec(loader, task, config, batch_per_process, mesh)).compile())
+    t = time.time()
+    state = create_state(initial_variables(model, config, init_rng), tx, state_rng, mesh)
+    init_s = time.time() - t
+    step_fn, compile_s = compiling.result()
+  logging.info("Initialised the variables in %.1fs; compiled the train step in %.1fs (in parallel)", init_s,
+               compile_s)
+  writer.write_scalars(0, {"timing/init_s": init_s, "timing/compile_s": compile_s})
   overview = reporting.log_parameter_overview(parallel.local_copy(eval_variables(state)))
-  writer.write_texts(0, {"parameters": "```\n" + overview + "\n```"})
+  if is_main:
+    with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
+      f.write(overview + "\n")
+  if tensorboard is not None:
+    tensorboard.write_texts(0, {"parameters": "```\n" + overview + "\n```"})
 
   ckpt = checkpointing.Checkpointer(checkpointing.default_directory(workdir),
                                     keep=int(train_cfg.get("keep_checkpoints", 3)), best_metric=task.metric_name,
@@ -444,19 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.info("Resumed from %s at step %d (epoch %d)", ckpt.directory / str(latest), latest,
                  latest // steps_per_epoch)
 
-  step_fn = jit_train_step(make_train_step(model, task, tx, accum_steps=accum, mesh=mesh), state, mesh)
-  apply_fn = make_apply_fn(eval_model)
+  apply_fn = make_apply_fn(task.build_model(config))
   step = int(parallel.local_value(state.step))
-  compile_s = 0.0
-  if step < total_steps:
-    # Ahead-of-time compile: a shape or sharding error shows before any data is read, and compile time is
-    # reported apart from training time.
-    t = time.time()
-    step_fn = step_fn.lower(state, _batch_spec(loader, task, config, batch_per_process, mesh)).compile()
-    compile_s = time.time() - t
-    logging.info("Compiled the train step in %.1fs", compile_s)
-    writer.write_scalars(step, {"timing/compile_s": compile_s})
-
   hooks = []
   if is_main:
     hooks.append(reporting.periodic_actions.ReportProgress(
@@ -468,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           logdir=workdir, num_profile_steps=profile_steps, profile_duration_ms=None,
           first_profile=step + int(train_cfg.get("profile_first_step", 10)), every_secs=None))
   watcher = checkpointing.PreemptionWatcher()
+  budget = TimeBudget(wall_start, float(train_cfg.get("time_budget_s", 0)),
+                      float(train_cfg.get("time_budget_reserve_s", 60)))
   eval_every = max(1, int(train_cfg.get("eval_every_epochs", 1)))
   ckpt_every = max(1, int(train_cfg.get("checkpoint_every_epochs", 1)))
   log_every = max(1, int(train_cfg.get("log_every_steps", 50)))
@@ -475,28 +484,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.train.nan_policy={nan_policy!r}: expected 'stop' or 'skip'")
   num_images = int(config.get("test", {}).get("num_examples", 4)) if is_main else 0
+  timing = dict(train_s=0.0, data_wait_s=0.0, eval_s=0.0)
 
-  train_s = eval_s = data_s = 0.0
+  def evaluate_and_log(images: int) -> float:
+    t = time.time()
+    stats, pictures = task.evaluate(apply_fn, eval_variables(state), workdir=workdir, num_images=images)
+    timing["eval_s"] += time.time() - t
+    budget.reserve_for_evaluation(time.time() - t)
+    writer.write_scalars(step, {_tag(f"val/{k}"): v for k, v in stats.items()})
+    if pictures:
+      from meme_jax import visualize  # pylint: disable=import-outside-toplevel
+      writer.write_images(step, {"val/predictions": visualize.pad_to_batch(pictures)})
+    value = float(stats[task.metric_name])
+    info.last_stats, info.last_stats_step = stats, step
+    if info.best_metric is None or value >= info.best_metric:
+      info.best_metric, info.best_step = value, step
+    return value
+
   steps_done = 0
-  preempted = False
-  stats = None
+  stop = None          # why the loop ended early: 'preempted' or 'time budget'
   try:
-    while step < total_steps and not preempted:
+    while step < total_steps and stop is None:
       epoch = step // steps_per_epoch
       lr = schedule.begin_epoch(epoch)
       state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
       writer.write_scalars(step, {"learning_rate": lr, "epoch": epoch})
       epoch_end = (epoch + 1) * steps_per_epoch
-      bar = reporting.ProgressBar(epoch_end - epoch * steps_per_epoch, f"epoch {epoch + 1}/{total_epochs}",
+      bar = reporting.ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{total_epochs}",
                                   initial=step - epoch * steps_per_epoch)
-      train_metrics = None
-      pending = None
+      train_metrics, pending = None, None
       t_epoch = time.time()
       while step < epoch_end:
+        if budget.exhausted():
+          stop = "time budget"
+          break
         t = time.time()
         batch = next(data_iter)
         batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
-        data_s += time.time() - t
+        timing["data_wait_s"] += time.time() - t
         state, metrics, finite = step_fn(state, batch)
         step += 1
         steps_done += 1
@@ -508,42 +533,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         for hook in hooks:
           hook(step)
         if step % log_every == 0 or step == epoch_end:
-          scalars = reporting.metrics_to_scalars(jax.tree.map(parallel.local_value, train_metrics), "train/")
+          scalars = reporting.metrics_to_scalars(parallel.local_copy(train_metrics), "train/")
           writer.write_scalars(step, scalars)
           bar.update(0, loss=scalars.get("train/loss", float("nan")))
           train_metrics = None
         bar.update(1)
         if watcher.should_stop(step):
-          preempted = True
+          stop = "preempted"
           break
       if pending is not None:
         _check_finite(*pending, nan_policy=nan_policy, steps_per_epoch=steps_per_epoch)
       bar.close()
-      train_s += time.time() - t_epoch
-      if preempted:
+      timing["train_s"] += time.time() - t_epoch
+      if stop == "preempted":
         logging.warning("Stopping at step %d on a preemption request; saving a checkpoint", step)
         ckpt.save(step, state, _meta(schedule, info, config, step), data_iter)
         ckpt.wait()
         break
-
-      metric_value = None
-      last_epoch = step >= total_steps
-      if (epoch + 1) % eval_every == 0 or last_epoch:
-        t = time.time()
-        stats, images = task.evaluate(apply_fn, eval_variables(state), workdir=workdir, num_images=num_images)
-        eval_s += time.time() - t
-        metric_value = float(stats[task.metric_name])
-        writer.write_scalars(step, {f"val/{k}": v for k, v in stats.items()})
-        if images:
-          from meme_jax import visualize  # pylint: disable=import-outside-toplevel
-          writer.write_images(step, {"val/predictions": visualize.pad_to_batch(images)})
-        info.last_stats, info.last_stats_step = stats, step
-        if info.best_metric is None or metric_value >= info.best_metric:
-          info.best_metric, info.best_step = metric_value, step
-      schedule.end_epoch(epoch, metric_value)
-      if (epoch + 1) % ckpt_every == 0 or last_epoch or metric_value is not None:
+      if stop == "time budget":
+        # A partial epoch: evaluated and saved, but the schedule is not stepped (a rerun continues the epoch).
+        logging.warning("Stopping at step %d of %d: config.train.time_budget_s=%s reached", step, total_steps,
+                        train_cfg.time_budget_s)
+        value = evaluate_and_log(num_images) if info.last_stats_step != step else None
         ckpt.save(step, state, _meta(schedule, info, config, step), data_iter,
-                  metrics=None if metric_value is None else {task.metric_name: metric_value})
+                  metrics=None if value is None else {task.metric_name: value})
+        break
+
+      last_epoch = step >= total_steps
+      value = evaluate_and_log(num_images) if (epoch + 1) % eval_every == 0 or last_epoch else None
+      schedule.end_epoch(epoch, value)
+      if (epoch + 1) % ckpt_every == 0 or last_epoch or value is not None:
+        ckpt.save(step, state, _meta(schedule, info, config, step), data_iter,
+                  metrics=None if value is None else {task.metric_name: value})
       writer.flush()
   finally:
     watcher.close()
@@ -551,42 +572,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     for hook in hooks:
       reporting.end_profile(hook)
 
-  skipped = int(parallel.local_value(state.skipped))
   summary: Dict[str, Any] = dict(step=step, total_steps=total_steps, epochs=step / steps_per_epoch,
-                                 preempted=preempted, skipped_steps=skipped)
-  if preempted:
+                                 preempted=stop == "preempted", stopped_by_time_budget=stop == "time budget",
+                                 skipped_steps=int(parallel.local_value(state.skipped)))
+  if stop == "preempted":
     summary.update(wall_time_s=time.time() - wall_start)
     writer.close()
     return summary
 
   if info.last_stats is None or info.last_stats_step != step:
-    t = time.time()
-    stats, _ = task.evaluate(apply_fn, eval_variables(state), workdir=workdir, num_images=0)
-    eval_s += time.time() - t
-    info.last_stats, info.last_stats_step = stats, step
+    evaluate_and_log(0)
   stats = dict(info.last_stats)
   t = time.time()
   baseline = task.baseline(workdir)
   baseline_s = time.time() - t
-  wall_s = time.time() - wall_start
-  images_per_step = int(train_cfg.batch_size)
+  train_s = timing["train_s"]
   summary.update(
       metric=task.metric_name, stats=stats, best_metric=info.best_metric, best_step=info.best_step,
-      baseline_stats=baseline, wall_time_s=wall_s, init_s=init_s, compile_s=compile_s,
-      train_s=train_s, data_wait_s=data_s, eval_s=eval_s, baseline_s=baseline_s, steps_this_run=steps_done,
+      baseline_stats=baseline, wall_time_s=time.time() - wall_start, init_s=init_s, compile_s=compile_s,
+      baseline_s=baseline_s, steps_this_run=steps_done,
       steps_per_s=steps_done / train_s if train_s > 0 else None,
-      images_per_s=steps_done * images_per_step / train_s if train_s > 0 else None,
+      images_per_s=steps_done * int(train_cfg.batch_size) / train_s if train_s > 0 else None,
       devices=jax.device_count(), processes=jax.process_count(), platform=jax.devices()[0].platform,
-      config=config.get("name", ""))
+      config=config.get("name", ""), **timing)
   summary[task.metric_name] = stats.get(task.metric_name)
   if baseline is not None:
     summary[f"baseline_{task.metric_name}"] = baseline.get(task.metric_name)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(_jsonable(summary), f, indent=2)
-  writer.write_scalars(step, {f"final/{k}": v for k, v in stats.items()})
+  writer.write_scalars(step, {_tag(f"final/{k}"): v for k, v in stats.items()})
   writer.close()
   return summary
+
+
+class TimeBudget:
+  """`config.train.time_budget_s`: stop training early enough that the final evaluation still fits.
+
+  The reserve is the longest evaluation seen so far (at least `reserve_s`, which also covers its first compile).
+  With several processes the decision is shared, so every process stops at the same step.
+  """
+
+  def __init__(self, start: float, budget_s: float, reserve_s: float):
+    self.start, self.budget_s, self.reserve_s = start, budget_s, reserve_s
+
+  def reserve_for_evaluation(self, seconds: float) -> None:
+    self.reserve_s = max(self.reserve_s, seconds * 1.1)
+
+  def exhausted(self) -> bool:
+    if self.budget_s <= 0:
+      return False
+    return parallel.any_process(time.time() - self.start + self.reserve_s > self.budget_s)
+
+
+def _timed(fn):
+  t = time.time()
+  result = fn()
+  return result, time.time() - t
+
+
+def _tag(name: str) -> str:
+  """A TensorBoard-safe scalar name ('val/AP (M)' -> 'val/AP_M')."""
+  return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_./-]", "_", name)).strip("_")
+
+
+def abstract_state(model: nn.Module, config, tx, mesh) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
+  replicated = parallel.replicated(mesh)
+  shapes = jax.eval_shape(lambda: create_state_abstract(model, config, tx))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
 def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -> None:
