@@ -54,6 +54,12 @@ def topdown_data(dataset: str, image_size, heatmap_size, sigma: float) -> ml_col
   # Bad records: False raises an error naming the file and record; True skips them and counts the skips.
   data.skip_bad_records = False
   data.num_workers = 2            # grain worker processes (0 = in the main process)
+  data.worker_type = "process"    # 'process' | 'thread'
+  # Decode each image once for all its persons (a chunk of `chunk_size` persons is one worker task). Every person's
+  # augmentation is the original's and every epoch is one pass, but persons of one image tend to share a batch.
+  # False restores the original one-decode-per-person order, about half as fast.
+  data.group_by_image = True
+  data.chunk_size = 64
   data.prefetch = 2
   data.seed = 0
   return data

@@ -33,6 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.recurrent = False          # BACKBONE_REC: share the copied blocks' weights
   config.model.num_joints = 17
   config.model.dtype = "float32"          # compute dtype; train.mixed_precision overrides it for training
+  config.model.depthwise_impl = "auto"   # 'auto' (shift-and-add on CPU, XLA conv on GPU/TPU) | 'shift' | 'conv'
 
   config.data = common.topdown_data("coco", image_size=(192, 256), heatmap_size=(48, 64), sigma=2)
   config.data.val_detections = "data/coco/person_detection_results/COCO_val2017_detections_AP_H_56_person.json"
