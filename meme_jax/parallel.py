@@ -96,15 +96,17 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def replicate_from_host(tree: Any, mesh: Mesh) -> Any:
-  """Arrays every process holds in full (the same values everywhere) -> replicated global arrays."""
-  sharding = replicated(mesh)
-
+def _put_full(tree: Any, sharding: NamedSharding) -> Any:
+  """Arrays every process holds in full -> global arrays laid out by `sharding` (each device takes its slice)."""
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
   return jax.tree.map(put, tree)
+
+
+def replicate_from_host(tree: Any, mesh: Mesh) -> Any:
+  """Arrays every process holds in full (the same values everywhere) -> replicated global arrays."""
+  return _put_full(tree, replicated(mesh))
 
 
 def shard_full_batch(batch: Any, mesh: Mesh) -> Any:
@@ -113,13 +115,7 @@ def shard_full_batch(batch: Any, mesh: Mesh) -> Any:
   Used for evaluation, where each process has the whole batch; the leading size must divide by the device count
   (see `pad_batch`).
   """
-  sharding = batch_sharding(mesh)
-
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return jax.tree.map(put, batch)
+  return _put_full(batch, batch_sharding(mesh))
 
 
 def pad_batch(array: np.ndarray, multiple: int) -> np.ndarray:
@@ -129,15 +125,6 @@ def pad_batch(array: np.ndarray, multiple: int) -> np.ndarray:
   if pad == 0:
     return array
   return np.concatenate([array, np.repeat(array[-1:], pad, axis=0)], axis=0)
-
-
-def to_host(tree: Any) -> Any:
-  """Global arrays -> numpy on every process (a gather across processes when they are not fully addressable)."""
-  def get(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-  return jax.tree.map(get, tree)
 
 
 def local_value(x: Any) -> np.ndarray:
@@ -150,12 +137,6 @@ def local_value(x: Any) -> np.ndarray:
 def local_copy(tree: Any) -> Any:
   """`local_value` of every leaf: host copies of replicated state."""
   return jax.tree.map(local_value, tree)
-
-
-def sync_processes(name: str) -> None:
-  """A barrier across processes (no-op with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:

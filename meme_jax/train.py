@@ -102,7 +102,8 @@ class TopDownTask(Task):
     super().__init__(config)
     self.metric_name = "Mean" if config.data.format == "mpii" else "AP"
     self._records = None
-    self._predictor = None
+    self._predictor = None        # the jitted evaluation, compiled once and reused with new variables
+    self._predictor_fn = None
 
   def check_data(self) -> None:
     data = self.config.data
@@ -260,12 +261,17 @@ def split_microbatches(batch: Mapping[str, jnp.ndarray], accum_steps: int, num_d
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, *, accum_steps: int, mesh):
+def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, *, accum_steps: int, mesh,
+                    nan_policy: str = "stop"):
   """`step(state, batch) -> (state, metrics, finite)`, to be jitted.
 
-  The gradient is the mean over `accum_steps` micro-batches (one optimizer update per step). A step whose loss or
-  gradient is not finite leaves the state unchanged except `step` and `skipped`; `finite` tells the host.
+  The gradient is the mean over `accum_steps` micro-batches (one optimizer update per step). `finite` says whether
+  the loss was finite; the host stops on a non-finite one (`nan_policy='stop'`). With 'skip' the gradient must be
+  finite too, and a step that is not leaves the state unchanged except `step` and `skipped` (the selection costs a
+  pass over parameters and optimizer state, so 'stop' does without it: its run ends at that step anyway).
   """
+  if nan_policy not in ("stop", "skip"):
+    raise ValueError(f"config.train.nan_policy={nan_policy!r}: expected 'stop' or 'skip'")
   num_devices = mesh.devices.size
 
   def forward(params, batch_stats, batch, rng):
@@ -295,14 +301,19 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       loss = loss / accum_steps
       metrics = stacked.reduce()
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # pylint: disable=unnecessary-lambda-assignment
-    new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
-        opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (1 - finite.astype(jnp.int32)))
-    return new_state, reporting.zero_metrics_unless(finite, metrics), finite
+    if nan_policy == "skip":
+      # A NaN or Inf anywhere makes the sum of squares non-finite.
+      finite &= jnp.isfinite(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # pylint: disable=unnecessary-lambda-assignment
+      params, batch_stats = keep(params, state.params), keep(batch_stats, state.batch_stats)
+      opt_state = keep(opt_state, state.opt_state)
+      metrics = reporting.zero_metrics_unless(finite, metrics)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                              skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+    return new_state, metrics, finite
 
   return step
 
@@ -421,7 +432,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   schedule = schedules.from_config(train_cfg)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
   abstract = abstract_state(model, config, tx, mesh)
-  step_fn = jit_train_step(make_train_step(model, task, tx, accum_steps=accum, mesh=mesh), abstract, mesh)
+  nan_policy = train_cfg.get("nan_policy", "stop")
+  step_fn = jit_train_step(make_train_step(model, task, tx, accum_steps=accum, mesh=mesh, nan_policy=nan_policy),
+                           abstract, mesh)
 
   # The train step compiles ahead of time, from shapes alone, in a second thread while the variables are
   # initialised: on a CPU each takes minutes on one core. Compiling first also shows a shape or sharding error
@@ -480,9 +493,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   eval_every = max(1, int(train_cfg.get("eval_every_epochs", 1)))
   ckpt_every = max(1, int(train_cfg.get("checkpoint_every_epochs", 1)))
   log_every = max(1, int(train_cfg.get("log_every_steps", 50)))
-  nan_policy = train_cfg.get("nan_policy", "stop")
-  if nan_policy not in ("stop", "skip"):
-    raise ValueError(f"config.train.nan_policy={nan_policy!r}: expected 'stop' or 'skip'")
   num_images = int(config.get("test", {}).get("num_examples", 4)) if is_main else 0
   timing = dict(train_s=0.0, data_wait_s=0.0, eval_s=0.0)
 
@@ -649,7 +659,7 @@ def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -
   epoch = (step - 1) // steps_per_epoch
   if nan_policy == "stop":
     raise NonFiniteLossError(
-        f"non-finite loss or gradient at step {step} (epoch {epoch + 1}): stopping; the update was not applied. "
+        f"non-finite loss at step {step} (epoch {epoch + 1}): stopping (no checkpoint is written after it). "
         f"Set --config.train.nan_policy=skip to skip such steps instead.")
   logging.warning("Skipped step %d (epoch %d): non-finite loss or gradient", step, epoch + 1)
 

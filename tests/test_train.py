@@ -408,6 +408,16 @@ def test_uninterrupted_run_reports(uninterrupted):
   assert uninterrupted["meta"]["schedule"]["kind"] == "plateau"
 
 
+def test_evaluate_mode_restores_checkpoints(uninterrupted):
+  config, workdir, summary = uninterrupted["config"], uninterrupted["workdir"], uninterrupted["summary"]
+  latest = train.evaluate_run(config, workdir, "latest")
+  assert latest["step"] == 16 and latest["stats"] == summary["stats"]
+  with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
+    assert json.load(f)["AP"] == pytest.approx(summary["stats"]["AP"])
+  best = train.evaluate_run(config, workdir, "best")
+  assert best["step"] == summary["best_step"] and best["AP"] == pytest.approx(summary["best_metric"])
+
+
 def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
   workdir = str(tmp_path / "interrupted")
   config = toy_config(num_epochs=3)
@@ -467,6 +477,9 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
   config.toy.nan_at_batch = 5
   with pytest.raises(train.NonFiniteLossError, match=r"step 6 \(epoch 2\)"):
     train.train_and_evaluate(config, str(tmp_path / "stop"))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "stop" / "checkpoints"), read_only=True)
+  assert ckpt.valid_steps() == [4], "only the checkpoint before the non-finite step may exist"
+  ckpt.close()
 
 
 def test_nan_loss_skip_counts_and_keeps_training(tmp_path):
