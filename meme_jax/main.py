@@ -119,7 +119,11 @@ def main(argv) -> None:
     _print(f"{result['metric']} {result[result['metric']]:.4f} ({where}); {_format_stats(result['stats'])}")
     return
 
-  summary = train.train_and_evaluate(config, workdir)
+  try:
+    summary = train.train_and_evaluate(config, workdir)
+  except train.DataNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if summary.get("preempted"):
     _print(f"stopped at step {summary['step']} of {summary['total_steps']} on a preemption request; run the same "
            f"command again to resume from the checkpoint in {workdir}")

@@ -53,6 +53,10 @@ class TrainState:
 # Tasks: what a model family brings to the loop.
 
 
+class DataNotFoundError(FileNotFoundError):
+  """The dataset a config names is not on disk; the message says where to put it."""
+
+
 class Task:
   """The family-specific parts of training. Subclasses set the class attributes and implement the methods."""
   input_key: str = "image"                    # the batch entry the model takes
@@ -112,7 +116,7 @@ class TopDownTask(Task):
     missing = [p for p in (data.train_annotations, data.val_annotations, data.train_images, data.val_images)
                if not os.path.exists(p)]
     if missing:
-      raise FileNotFoundError(
+      raise DataNotFoundError(
           f"{data.dataset} data not found: missing {', '.join(missing)} (relative to {os.getcwd()}). Put the "
           f"dataset there (COCO 2017: images/train2017, images/val2017 and annotations/person_keypoints_*2017.json "
           f"under {data.root}; or set --config.data.root and the paths), or train on the built-in synthetic data: "
@@ -532,7 +536,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         batch = next(data_iter)
         batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
         timing["data_wait_s"] += time.time() - t
-        state, metrics, finite = step_fn(state, batch)
+        # Everything the step takes is already on the devices: an implicit host transfer here would be a bug.
+        with jax.transfer_guard("disallow"):
+          state, metrics, finite = step_fn(state, batch)
         step += 1
         steps_done += 1
         # The previous step's finiteness is read one step late, so the host never waits for the device here.

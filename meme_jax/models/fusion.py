@@ -69,10 +69,17 @@ def upsample_nearest(x, factor: int):
 
 
 def max_pool(x, factor: int):
-  """MaxPool2d(kernel = stride = factor), no padding, floor mode."""
+  """MaxPool2d(kernel = stride = factor), no padding, floor mode.
+
+  Non-overlapping windows are a reshape and a max: the same values as a strided max-pool, and its gradient is an
+  elementwise mask rather than XLA's select-and-scatter, which is slow on CPU.
+  """
   if factor == 1:
     return x
-  return nn.max_pool(x, (factor, factor), strides=(factor, factor), padding="VALID")
+  n, h, w, c = x.shape
+  h_out, w_out = h // factor, w // factor
+  x = x[:, :h_out * factor, :w_out * factor]
+  return x.reshape(n, h_out, factor, w_out, factor, c).max(axis=(2, 4))
 
 
 class Identity(nn.Module):
