@@ -765,3 +765,45 @@ def evaluate_run(config, workdir: str, which: str = "best") -> Dict[str, Any]:
       json.dump(_jsonable(result), f, indent=2)
   return result
 
+
+
+class BottomUpTask(Task):
+  """Bottom-up DEM: heatmap + offset + associative-embedding losses; whole-image multi-scale evaluation."""
+  input_key = "image"
+  metric_name = "AP"
+
+  def __init__(self, config):
+    super().__init__(config)
+    from data_pipelines import bottomup  # pylint: disable=import-outside-toplevel
+    from meme_jax.losses import dem as dem_losses  # pylint: disable=import-outside-toplevel
+    self._bottomup = bottomup
+    self._losses = dem_losses
+    self.batch_keys = bottomup.BATCH_KEYS
+    self.metrics_class = dem_losses.DEMTrainMetrics
+    self.metric_name = "Mean" if config.data.format == "mpii" else "AP"
+    self._records = None
+
+  def check_data(self) -> None:
+    TopDownTask.check_data(self)  # the same files and the same advice
+
+  def batch_shapes(self, config, batch_size: int):
+    return self._bottomup.batch_shapes(config, batch_size)
+
+  def train_loader(self, *, seed, shard_index, shard_count, batch_size_per_process, num_workers):
+    return self._bottomup.bottomup_train_loader(
+        self.config, seed=seed, shard_index=shard_index, shard_count=shard_count,
+        batch_size_per_process=batch_size_per_process, num_workers=num_workers)
+
+  def loss_and_metrics(self, outputs, batch):
+    return self._losses.dem_loss_and_metrics(outputs, batch, self.config)
+
+  def evaluate(self, apply_fn, variables, *, workdir, num_images=0):
+    from meme_jax import evaluate_bottomup  # pylint: disable=import-outside-toplevel
+    if self._records is None:
+      self._records = evaluate_bottomup.load_image_records(self.config)
+    stats = evaluate_bottomup.evaluate_bottomup(self.config, apply_fn, parallel.local_copy(variables),
+                                                self._records, workdir=workdir)
+    return {k: float(v) for k, v in stats.items()}, []
+
+
+register_task("dem", BottomUpTask)
