@@ -62,6 +62,18 @@ class _LibraryInfoFilter(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in _LIBRARY_PATHS)
 
 
+def _split_host_cpu(num_devices: int) -> None:
+  """Exposes the host CPU as `num_devices` XLA devices (`config.train.cpu_devices`), before JAX starts.
+
+  XLA runs most of a convolutional network's many small operations on one thread; as several devices, data
+  parallelism keeps that many cores busy (one shard of the batch each). Only the CPU backend is affected, and an
+  XLA_FLAGS setting of the user's wins.
+  """
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if num_devices > 1 and "xla_force_host_platform_device_count" not in xla_flags:
+    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={num_devices}".strip()
+
+
 def _print(text: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
@@ -75,6 +87,8 @@ def _format_stats(stats) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = FLAGS.config
+  _split_host_cpu(int(config.get("train", {}).get("cpu_devices", 0)) if config is not None else 0)
   if not FLAGS.library_logs:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   if FLAGS.compilation_cache_dir:
@@ -85,7 +99,6 @@ def main(argv) -> None:
   from meme_jax import parallel  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   [int(i) for i in FLAGS.local_device_ids])
-  config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/eeffpose_p0.py:synthetic")
   from meme_jax import train  # pylint: disable=import-outside-toplevel
