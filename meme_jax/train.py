@@ -356,7 +356,7 @@ class RunInfo:
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """A step's loss or gradient was NaN/Inf and `train.nan_policy` is 'stop'."""
 
 
 def _flat_config(config) -> Dict[str, Any]:
