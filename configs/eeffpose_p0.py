@@ -65,20 +65,25 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   """The main job: the real P0 network, trained briefly on the built-in synthetic dataset on a 2-core CPU.
 
   Command:  python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic --workdir DIR
-  Runtime:  at most 10 minutes including compilation: `train.time_budget_s` ends training early enough for the final
-            evaluation to fit (on a slow or busy machine after fewer steps).
+  Runtime:  under 10 minutes on a 2-core CPU, compilation included (about 2 minutes of it); `train.time_budget_s`
+            ends training early, in time for the final evaluation, on a slower or busy machine.
   Result:   COCO AP (pycocotools, GT boxes, flip test) on the 64 validation persons, printed with the mean-pose
-            baseline (about 0.009 AP) and written to DIR/summary.json; the run must reach at least twice the baseline.
+            baseline (0.0088 AP) and written to DIR/summary.json; the run must reach at least twice the baseline.
+            Measured on a 2-core machine shared with other work: AP 0.0349 after 105 steps (3.95x the baseline)
+            in 7 min 29 s and 7 min 38 s for the whole command in two runs, synthetic data generation included.
 
-  The architecture is P0's (9,007,292 parameters); the input is 64x48 (heatmaps 16x12, sigma 1) so a step costs a
-  sixteenth of the original 256x192 one, and the schedule is a few epochs at the original LR without warm-up.
+  The architecture is P0's (9,007,292 parameters). What makes it fit: a 64x48 input (heatmaps 16x12, sigma 1.5), a
+  sixteenth of the original 256x192 per step; the host CPU as two data-parallel devices, one core each, with
+  per-device BatchNorm; three epochs at 4x the original LR without warm-up, lighter augmentation and no stochastic
+  depth (regularisation for the 215-epoch schedule, which a 105-step run does not need).
   """
   config.name = "eeffpose_p0_synthetic"
+  config.model.drop_path_rate = 0.0
   config.data.dataset = "synthetic"
   config.data.format = "coco"
   config.data.root = "data/synthetic"     # generated and cached here on first use
-  config.data.synthetic_train_images = 256
-  config.data.synthetic_val_images = 32
+  config.data.synthetic_train_images = 256    # 561 persons: 35 steps an epoch
+  config.data.synthetic_val_images = 32       # 64 persons
   config.data.train_annotations = "data/synthetic/annotations/train.json"
   config.data.val_annotations = "data/synthetic/annotations/val.json"
   config.data.train_images = "data/synthetic/images/train"
@@ -86,12 +91,19 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   config.data.val_detections = ""
   config.data.image_size = (48, 64)
   config.data.heatmap_size = (12, 16)
-  config.data.sigma = 1.0                 # 2 px at 64x48 heatmaps is 0.5 px at 16x12: too narrow to learn quickly
-  config.data.num_workers = 1             # one decoding process; the other core runs the train step
+  config.data.sigma = 1.5                 # the original 2 px at 64x48 heatmaps is 0.5 px at 16x12: too narrow
+  config.data.scale_factor = 0.2
+  config.data.rotation_factor = 15.0
+  config.data.rotation_prob = 0.3
+  config.data.prob_half_body = 0.0        # validation uses whole-person boxes
+  config.data.num_workers = 1             # one decoding process
   config.train.batch_size = 16
-  config.train.num_epochs = 4             # 561 persons: 35 steps an epoch
+  config.train.bn_group_size = 8          # per device
+  config.train.cpu_devices = 2
+  config.train.lr = 4e-3
+  config.train.num_epochs = 3
   config.train.warmup_epochs = 0
   config.train.schedule = "constant"
   config.train.log_every_steps = 5
-  config.train.time_budget_s = 570        # whole run, compilation and the final evaluation included
+  config.train.time_budget_s = 570        # the whole run: compilation and the final evaluation included
   config.test.batch_size = 32

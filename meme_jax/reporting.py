@@ -237,6 +237,7 @@ class ProgressBar:
     self._min_interval = 0.2 if self.interactive else log_every_secs
     self._start = time.monotonic()
     self._last_draw = -math.inf
+    self._drawn = self.count
     self.postfix = ""
 
   def update(self, n: int = 1, **postfix) -> None:
@@ -251,6 +252,7 @@ class ProgressBar:
     if not self.enabled:
       return
     self._last_draw = now
+    self._drawn = self.count
     done = min(self.count, self.total)
     elapsed = now - self._start
     rate = (done - self._start_count) / elapsed if elapsed > 0 else 0.0
@@ -267,11 +269,13 @@ class ProgressBar:
     self.stream.flush()
 
   def close(self) -> None:
-    if self.enabled and self.count > 0:
+    if not self.enabled:
+      return
+    if self.count > self._drawn:
       self._draw(time.monotonic())
-      if self.interactive:
-        self.stream.write("\n")
-        self.stream.flush()
+    if self.interactive and self._drawn > 0:
+      self.stream.write("\n")
+      self.stream.flush()
 
 
 def _format_seconds(seconds: float) -> str:
@@ -293,10 +297,10 @@ def parameter_count(params) -> int:
 
 
 def log_parameter_overview(variables: Mapping[str, Any]) -> str:
-  """Logs clu's table of the parameters (and batch statistics); returns the table text."""
+  """clu's table of the parameters, with the parameter and batch-statistics counts (which are logged)."""
   text = parameter_overview.get_parameter_overview(variables["params"], include_stats=False)
   total = parameter_count(variables["params"])
   stats = parameter_count(variables.get("batch_stats", {}))
   summary = f"{total:,} parameters; {stats:,} batch statistics"
-  logging.info("Parameters:\n%s\n%s", text, summary)
+  logging.info("Model: %s", summary)
   return text + "\n" + summary

@@ -356,7 +356,7 @@ class RunInfo:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A step's loss or gradient was NaN/Inf and `train.nan_policy` is 'stop'."""
+  """A step's loss was NaN or Inf and `config.train.nan_policy` is 'stop'."""
 
 
 def _flat_config(config) -> Dict[str, Any]:

@@ -364,6 +364,17 @@ def test_sharded_step_equals_single_device():
     assert r["max_stats_diff"] < 1e-5, (group, r)
 
 
+def test_mixed_precision_sets_the_compute_dtype_of_the_training_model_only():
+  config = toy_config(mixed_precision="bfloat16")
+  assert train.training_config(config).model.dtype == "bfloat16"
+  assert config.model.dtype == "float32"      # evaluation keeps the config's dtype
+  config.train.mixed_precision = "float32"
+  assert train.training_config(config) is config
+  config.train.mixed_precision = "fp8"
+  with pytest.raises(ValueError, match="mixed_precision"):
+    train.training_config(config)
+
+
 def test_gradient_accumulation_equals_large_batch():
   # Ghost BatchNorm groups of 4 divide the micro-batches of 4: the groups are those of the full batch of 16.
   # SGD: its update is linear in the gradient. (Adam's first steps are about lr * sign(gradient), so parameters whose
@@ -388,7 +399,7 @@ def test_gradient_accumulation_equals_large_batch():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  config = toy_config(num_epochs=3)
+  config = toy_config(num_epochs=3, profile_steps=2, profile_first_step=3)
   summary = train.train_and_evaluate(config, workdir)
   state, meta, step = final_state(workdir, config)
   return dict(workdir=workdir, summary=summary, state=state, meta=meta, step=step, config=config)
@@ -402,6 +413,9 @@ def test_uninterrupted_run_reports(uninterrupted):
     written = json.load(f)
   assert written["AP"] == pytest.approx(summary["stats"]["AP"]) and written["baseline_AP"] == 0.0
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  assert os.path.isdir(os.path.join(workdir, "plugins", "profile")), "the Profile action wrote no trace"
+  for name in ("config.json", "parameters.txt"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
   # keep_checkpoints=2 plus the best by AP
   steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).valid_steps()
   assert 16 in steps and 2 <= len(steps) <= 3
@@ -495,3 +509,12 @@ def test_workdir_with_other_batch_size_is_refused(uninterrupted, tmp_path):
   config = toy_config(num_epochs=3, batch_size=8)
   with pytest.raises(ValueError, match="steps per epoch"):
     train.train_and_evaluate(config, uninterrupted["workdir"])
+
+
+def test_missing_coco_says_where_and_how_to_run_synthetic(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "meme_jax.main", "--config", "configs/eeffpose_p0.py",
+                         "--workdir", str(tmp_path / "w")], cwd=str(tmp_path), capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "data/coco/annotations/person_keypoints_train2017.json" in proc.stderr
+  assert "configs/eeffpose_p0.py:synthetic" in proc.stderr
