@@ -150,7 +150,10 @@ def model_section(width: int, num_joints: int, num_offsets: int) -> ml_collectio
   model.num_offsets = num_offsets       # derived from data's joint groups; build_dem checks they agree
   # 'bilinear' (align_corners=False) as the double-embedding code | 'nearest' as upstream HigherHRNet / ImageNet HRNet.
   model.fuse_upsample = "bilinear"
-  model.init = "torch"                  # 'torch' default init (what the released training ran) | 'normal' N(0, 0.001)
+  # 'normal': N(0, 0.001) convs, as upstream HigherHRNet's init_weights (the default: it learns). 'torch': PyTorch's
+  # default init, what the released training script ran (spec T1); its outputs start at about 1 where targets are
+  # sparse peaks in [0, 1], and the tiny model collapses to all-zero heatmaps instead of learning them.
+  model.init = "normal"
   model.dtype = "float32"               # compute dtype; train.mixed_precision overrides it for training
   model.update(hrnet_stages(width))
   model.deconv = ml_collections.ConfigDict(dict(num_channels=(WIDTHS[width][0],), num_basic_blocks=4))
@@ -259,8 +262,16 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   config.data.val_annotations = "data/synthetic/annotations/val.json"
   config.data.train_images = "data/synthetic/images/train"
   config.data.val_images = "data/synthetic/images/val"
+  # A short run learns far faster with milder augmentation than the 300-epoch recipe's (rotation 30, scale
+  # 0.75-1.5, shift 40): on held-out images the centre heatmap finds 80% of the people after 400 steps at 64x64
+  # instead of 44% (tests/test_dem_train.py measures it).
+  config.data.max_rotation = 10.0
+  config.data.min_scale = 0.9
+  config.data.max_scale = 1.2
+  config.data.max_translate = 10
   config.train.batch_size = 8
-  config.train.num_epochs = 8
+  config.train.lr = 3e-3
+  config.train.num_epochs = 12
   config.train.schedule = "constant"
   config.train.mixed_precision = "float32"
   config.train.eval_every_epochs = 4
