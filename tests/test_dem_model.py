@@ -261,10 +261,13 @@ def _probe_params(options, x):
   return jax.jit(_InitProbe(options).init)(jax.random.key(0, impl="rbg"), x)["params"]
 
 
-def test_initialisation_follows_torch_and_upstream(tiny_config):
+def test_initialisation_follows_torch_and_upstream():
   import torch  # pylint: disable=import-outside-toplevel
   x = jnp.zeros((1, 8, 8, 50))
-  params = _probe_params(build_model(tiny_config).options, x)
+  config = meme_jax.load_config(TINY)
+  assert config.model.init == "normal"      # the default; 'torch' is what the released training script ran
+  config.model.init = "torch"
+  params = _probe_params(build_model(config).options, x)
   # PyTorch default init: U(-b, b) with b = 1/sqrt(fan_in), torch's fan-in rule (ConvTranspose: weight dim 1).
   for values, layer in ((params["conv3x3"]["kernel"], torch.nn.Conv2d(50, 32, 3)),
                         (params["final"]["bias"], torch.nn.Conv2d(50, 18, 1)),
@@ -275,7 +278,6 @@ def test_initialisation_follows_torch_and_upstream(tiny_config):
     assert np.max(np.abs(values)) > 0.8 * bound
   assert params["deconv"]["kernel"].shape == (4, 4, 8, 50)   # torch (50, 8, 4, 4) after OIHW -> HWIO
 
-  config = meme_jax.load_config(TINY)
   config.model.init = "normal"
   params = _probe_params(build_model(config).options, x)
   for name in ("conv3x3", "deconv"):
