@@ -585,6 +585,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   finally:
     watcher.close()
     ckpt.close()
+    # Stops the input workers now, so that batches still in flight free their shared memory.
+    close_data = getattr(data_iter, "close", None)
+    if close_data is not None:
+      close_data()
     for hook in hooks:
       reporting.end_profile(hook)
 
