@@ -65,6 +65,19 @@ def topdown_data(dataset: str, image_size, heatmap_size, sigma: float) -> ml_col
   return data
 
 
+def synthetic_data(config: ml_collections.ConfigDict, root: str, *, train_images: int, val_images: int) -> None:
+  """The built-in synthetic dataset (generated and cached under `root` on first use) in place of COCO."""
+  config.data.dataset = "synthetic"
+  config.data.format = "coco"
+  config.data.root = root
+  config.data.synthetic_train_images = train_images
+  config.data.synthetic_val_images = val_images
+  config.data.train_annotations = f"{root}/annotations/train.json"
+  config.data.val_annotations = f"{root}/annotations/val.json"
+  config.data.train_images = f"{root}/images/train"
+  config.data.val_images = f"{root}/images/val"
+
+
 def train_defaults() -> ml_collections.ConfigDict:
   """The optimiser and loop of the original EEffPose runs as the code really ran (spec eeffpose 4.2)."""
   train = ml_collections.ConfigDict()

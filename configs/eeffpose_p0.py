@@ -84,7 +84,8 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   """
   config.name = "eeffpose_p0_synthetic"
   config.model.drop_path_rate = 0.0
-  synthetic_data(config, "data/synthetic", train_images=256, val_images=32)   # 561 and 64 persons
+  common.synthetic_data(config, "data/synthetic", train_images=256, val_images=32)   # 561 and 64 persons
+  config.data.val_detections = ""        # ground-truth boxes
   config.data.image_size = (48, 64)
   config.data.heatmap_size = (12, 16)
   config.data.sigma = 1.5                 # the original 2 px at 64x48 heatmaps is 0.5 px at 16x12: too narrow
@@ -105,20 +106,6 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   config.test.batch_size = 32
 
 
-def synthetic_data(config: ml_collections.ConfigDict, root: str, *, train_images: int, val_images: int) -> None:
-  """The built-in synthetic dataset (generated and cached under `root` on first use) in place of COCO."""
-  config.data.dataset = "synthetic"
-  config.data.format = "coco"
-  config.data.root = root
-  config.data.synthetic_train_images = train_images
-  config.data.synthetic_val_images = val_images
-  config.data.train_annotations = f"{root}/annotations/train.json"
-  config.data.val_annotations = f"{root}/annotations/val.json"
-  config.data.train_images = f"{root}/images/train"
-  config.data.val_images = f"{root}/images/val"
-  config.data.val_detections = ""
-
-
 def synthetic_full(config: ml_collections.ConfigDict) -> None:
   """The full P0 recipe on synthetic data: what a GPU machine runs to check the whole path without COCO.
 
@@ -131,4 +118,5 @@ def synthetic_full(config: ml_collections.ConfigDict) -> None:
             summary (`images_per_s`).
   """
   config.name = "eeffpose_p0_synthetic_full"
-  synthetic_data(config, "data/synthetic_full", train_images=4096, val_images=128)
+  common.synthetic_data(config, "data/synthetic_full", train_images=4096, val_images=128)
+  config.data.val_detections = ""

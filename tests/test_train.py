@@ -111,7 +111,7 @@ class ToyTask(train.TopDownTask):
     return ToyPoseNet(self.num_joints, int(config.train.bn_group_size), float(config.toy.drop_path))
 
   def check_data(self):
-    pass
+    """The toy records are made in memory: there are no files to look for."""
 
   def train_loader(self, *, seed, shard_index, shard_count, batch_size_per_process, num_workers):
     del seed, num_workers
