@@ -24,6 +24,8 @@ setup(
         "scipy>=1.10",
         "pycocotools>=2.0.7",
         "opencv-python-headless>=4.8",
+        # tensorboardX encodes the prediction pictures of every evaluation with Pillow.
+        "Pillow>=9.0",
     ],
     extras_require={
         # The converter reads original PyTorch checkpoints; torch is needed only for that.
@@ -31,6 +33,9 @@ setup(
         "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
         "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
         "crowdpose": ["xtcocotools>=1.14"],
+        # NVIDIA GPUs / Cloud TPUs: the jax build with the CUDA 12 plugin, or libtpu; pin it with constraints.txt.
+        "cuda12": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["meme-jax=meme_jax.main:run"]},
 )

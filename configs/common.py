@@ -40,6 +40,9 @@ def topdown_data(dataset: str, image_size, heatmap_size, sigma: float) -> ml_col
   data.image_size = tuple(image_size)       # (W, H) network input
   data.heatmap_size = tuple(heatmap_size)   # (W, H) heatmaps, input / 4
   data.sigma = float(sigma)
+  # 'msra': the original crops and Gaussian targets; 'udp': unbiased data processing (pixel-aligned crops, sub-pixel
+  # targets, exact flip test) in training, evaluation and prediction alike; pair it with test.post_process='udp'.
+  data.codec = "msra"
   data.pixel_std = 200.0
   data.bbox_padding = 1.25        # scale = box / 200 * 1.25
   data.color_rgb = True

@@ -230,7 +230,7 @@ def build(name: str, dataset: str, width: int, input_size: int, batch_size: int,
   config.test = test_section(scale_factors)
   config.init = common.init_defaults()
   # The original trains from PyTorch's default init (spec T1). Upstream intended an ImageNet HRNet backbone, e.g.
-  # hrnet_w32-36af842e.pth (read with meme_jax.models.hrnet.backbone_variables_from_torch).
+  # hrnet_w32-36af842e.pth (read with meme_jax.pretrained.backbone_variables_from_torch).
   config.init.backbone = ""
   return config
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from meme_jax import keypoints as keypoints_lib
 from meme_jax.codecs import affine
-from meme_jax.codecs.heatmap import MSRAHeatmap
+from meme_jax.codecs.heatmap import MSRAHeatmap, codec_from_config
 
 Sample = Dict[str, Any]
 
@@ -25,10 +25,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_image(image: np.ndarray, center, scale, rotation: float, image_size: Tuple[int, int],
-               pixel_std: float = 200.0) -> np.ndarray:
+               pixel_std: float = 200.0, udp: bool = False) -> np.ndarray:
   """The top-down crop: `cv2.warpAffine` (bilinear, constant 0 border) with the affine of (center, scale, rotation)
-  to `image_size` (W, H)."""
-  matrix = affine.get_affine_transform(center, scale, rotation, image_size, pixel_std=pixel_std)
+  to `image_size` (W, H); `udp` for the UDP codec's alignment."""
+  matrix = affine.crop_matrix(center, scale, rotation, image_size, udp=udp, pixel_std=pixel_std)
   return cv2.warpAffine(image, matrix, (int(image_size[0]), int(image_size[1])), flags=cv2.INTER_LINEAR)
 
 
@@ -144,15 +144,16 @@ def flip_sample(sample: Sample, perm: np.ndarray) -> Sample:
 
 class AffineCrop:
   """Crops with `cv2.warpAffine` to `image_size` (W, H) and maps the visible joints with the same 2x3 matrix
-  (spec 4.4 step 6). Stores the matrix as `affine`."""
+  (spec 4.4 step 6). Stores the matrix as `affine`. `udp`: the UDP codec's alignment (`affine.crop_matrix`)."""
 
-  def __init__(self, image_size: Tuple[int, int], pixel_std: float = 200.0):
+  def __init__(self, image_size: Tuple[int, int], pixel_std: float = 200.0, udp: bool = False):
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.pixel_std = pixel_std
+    self.udp = bool(udp)
 
   def __call__(self, sample: Sample, rng: np.random.Generator = None) -> Sample:
-    matrix = affine.get_affine_transform(sample["center"], sample["scale"], sample.get("rotation", 0.0),
-                                         self.image_size, pixel_std=self.pixel_std)
+    matrix = affine.crop_matrix(sample["center"], sample["scale"], sample.get("rotation", 0.0), self.image_size,
+                                udp=self.udp, pixel_std=self.pixel_std)
     sample["image"] = cv2.warpAffine(sample["image"], matrix, self.image_size, flags=cv2.INTER_LINEAR)
     visible = sample["visible"] > 0
     joints = sample["joints"].astype(np.float32, copy=True)
@@ -207,7 +208,7 @@ class GenerateHeatmaps:
 
 
 def heatmap_codec(data_config) -> MSRAHeatmap:
-  return MSRAHeatmap(tuple(data_config.image_size), tuple(data_config.heatmap_size), data_config.sigma)
+  return codec_from_config(data_config)
 
 
 def normalize_from_config(data_config) -> Normalize:
@@ -242,7 +243,8 @@ def train_steps(data_config) -> List[Callable]:
 
 def eval_steps(data_config) -> List[Callable]:
   """Crop and normalise, no augmentation (spec 4.4 step 9)."""
-  return [AffineCrop(data_config.image_size, data_config.pixel_std), normalize_from_config(data_config)]
+  return [AffineCrop(data_config.image_size, data_config.pixel_std, udp=heatmap_codec(data_config).udp),
+          normalize_from_config(data_config)]
 
 
 def train_transform(data_config) -> Compose:

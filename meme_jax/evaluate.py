@@ -29,7 +29,9 @@ import numpy as np
 
 from meme_jax import parallel
 from meme_jax.codecs import decoding
+from meme_jax.codecs import affine
 from meme_jax.codecs.heatmap import MSRAHeatmap
+from meme_jax.codecs.heatmap import codec_from_config as data_codec
 from meme_jax.metrics import coco as coco_metric
 from meme_jax.metrics import mpii as mpii_metric
 from meme_jax.metrics import nms
@@ -44,7 +46,12 @@ def _test(config, name: str, default):
 
 
 def codec_from_config(config) -> MSRAHeatmap:
-  return MSRAHeatmap(config.data.image_size, config.data.heatmap_size, config.data.sigma)
+  """The training codec of `config.data`, checked against the test-time refinement."""
+  codec = data_codec(config.data)
+  if _test(config, "post_process", "quarter") == "udp" and not codec.udp:
+    raise ValueError("config.test.post_process='udp' refines UDP heatmaps: set config.data.codec='udp' as well, so "
+                     "that training targets, evaluation crops and the back-projection all use UDP's alignment")
+  return codec
 
 
 def eval_protocol(config) -> str:
@@ -91,9 +98,9 @@ class TopDownPredictor:
     self.post_process = decoding.check_post_process(_test(config, "post_process", "quarter"))
     self.kernel_size = self.codec.kernel_size(_test(config, "blur_kernel", 0))
     shift = bool(_test(config, "shift_heatmap", True))
-    if shift and self.post_process == "udp":
+    if shift and self.codec.udp:
       # UDP crops are pixel-aligned: the flipped-back heatmap is already exact, and the shift would bias it.
-      logging.warning("config.test.shift_heatmap is ignored with post_process='udp' (UDP flips are exact)")
+      logging.warning("config.test.shift_heatmap is ignored with config.data.codec='udp' (UDP flips are exact)")
       shift = False
     self.shift = shift
     self.input_keys = tuple(input_keys)
@@ -144,7 +151,7 @@ class TopDownPredictor:
 
   def to_image(self, coords, center, scale) -> np.ndarray:
     """Heatmap-pixel coords -> image coords (float64) for these boxes."""
-    return self.codec.to_image(coords, center, scale, self.post_process, self.config.data.get("pixel_std", 200.0))
+    return self.codec.to_image(coords, center, scale, self.config.data.get("pixel_std", 200.0))
 
   def predict(self, batch: Mapping[str, np.ndarray], center, scale) -> np.ndarray:
     """One batch, synchronously: -> keypoints (n, J, 3) in image pixels (x, y, confidence) for the first
@@ -161,7 +168,8 @@ _PREDICTOR_CACHE: Dict[Any, TopDownPredictor] = {}
 def cached_predictor(config, apply_fn: ApplyFn) -> TopDownPredictor:
   """One predictor (one compiled step) per apply_fn and decoding setup, so periodic evaluations compile once."""
   key = (apply_fn, bool(_test(config, "flip_test", True)), bool(_test(config, "shift_heatmap", True)),
-         _test(config, "post_process", "quarter"), int(_test(config, "blur_kernel", 0) or 0),
+         _test(config, "post_process", "quarter"), config.data.get("codec", "msra"),
+         int(_test(config, "blur_kernel", 0) or 0),
          tuple(config.data.image_size), tuple(config.data.heatmap_size), float(config.data.sigma),
          tuple(tuple(p) for p in config.data.flip_pairs), float(config.data.get("pixel_std", 200.0)),
          int(config.data.num_joints), tuple(jax.local_devices()))
@@ -419,31 +427,25 @@ def encoded_ground_truth(config, record: Mapping[str, Any], flip: bool) -> np.nd
   """The training target of a record's ground truth for its (unrotated) crop, or for the mirrored crop.
 
   The mirrored crop holds joint perm[j] at x' = W_in - 1 - x, exactly what the network sees in the flip test.
-  With post_process 'udp' the crop is the UDP one and the targets are `encode_udp`'s.
+  The crop and the targets are the codec's (`config.data.codec`), as in training.
   """
-  from meme_jax.codecs import affine  # pylint: disable=import-outside-toplevel
   codec = codec_from_config(config)
-  udp = _test(config, "post_process", "quarter") == "udp"
   for key in ("joints", "visible", "center", "scale"):
     if key not in record:
       raise KeyError(f"record of {record.get('image_file', '?')} has no {key!r}: the codec upper bound needs "
                      f"ground-truth records (GT boxes)")
   joints = np.asarray(record["joints"], dtype=np.float64).reshape(-1, 2)
   visible = np.asarray(record["visible"], dtype=np.float64).reshape(-1)
-  pixel_std = float(config.data.get("pixel_std", 200.0))
-  image_size = tuple(int(v) for v in config.data.image_size)
-  if udp:
-    matrix = decoding.udp_warp_matrix(record["center"], record["scale"], 0.0, image_size, pixel_std)
-  else:
-    matrix = affine.get_affine_transform(record["center"], record["scale"], 0.0, image_size, pixel_std=pixel_std)
+  image_size = codec.image_size
+  matrix = codec.crop_matrix(record["center"], record["scale"], 0.0,
+                             pixel_std=float(config.data.get("pixel_std", 200.0)))
   crop = affine.apply_affine(joints, matrix).astype(np.float32)
   if flip:
     perm = decoding.flip_permutation(len(joints), config.data.flip_pairs)
     crop = crop[perm]
     crop[:, 0] = image_size[0] - 1 - crop[:, 0]
     visible = visible[perm]
-  encode = codec.encode_udp if udp else codec.encode
-  heatmaps, _ = encode(crop, visible)
+  heatmaps, _ = codec.encode(crop, visible)
   return heatmaps
 
 

@@ -88,19 +88,55 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
-  _split_host_cpu(int(config.get("train", {}).get("cpu_devices", 0)) if config is not None else 0)
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/eeffpose_p0.py:synthetic")
+  _split_host_cpu(int(config.get("train", {}).get("cpu_devices", 0)))
   if not FLAGS.library_logs:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   if FLAGS.compilation_cache_dir:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  if FLAGS.mode != "parameters" and not FLAGS.workdir:
+    raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
+  try:
+    code = _run_mode(config)
+  except app.UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, _input_errors()):
+      # The data or the checkpoint a config names is wrong or missing: the message says what to do; no traceback.
+      _exit_with_error(e, 2, traceback=False)
+    _exit_with_error(e, 1, traceback=True)
+  if code:
+    sys.exit(code)
+
+
+def _input_errors() -> tuple:
+  """The exception classes that are a problem of the user's input, each with a message that says what to do."""
+  # Imported here, not at the top: `train` imports jax, whose flags `_split_host_cpu` must set first.
+  from data_pipelines import records  # pylint: disable=import-outside-toplevel
+  from meme_jax import convert  # pylint: disable=import-outside-toplevel
+  from meme_jax import train  # pylint: disable=import-outside-toplevel
+  return (train.DataNotFoundError, records.BadRecordError, convert.CheckpointMismatchError)
+
+
+def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> None:
+  """Ends the run now: the full traceback in the log (for unexpected errors), the error as the last line."""
+  if traceback:
+    logging.exception("the run failed")
+  logging.flush()
+  sys.stdout.flush()
+  print(f"error: {type(error).__name__}: {error}" if traceback else f"error: {error}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _run_mode(config) -> int:
+  """Runs --mode; returns the exit status (0, or 143 after a preemption)."""
   # Before anything touches a device.
   from meme_jax import parallel  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   [int(i) for i in FLAGS.local_device_ids])
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/eeffpose_p0.py:synthetic")
   from meme_jax import train  # pylint: disable=import-outside-toplevel
 
   if FLAGS.mode == "parameters":
@@ -112,35 +148,28 @@ def main(argv) -> None:
         {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
         jax.numpy.zeros((1,) + train.input_shape(config)), train=False))
     print(reporting.log_parameter_overview(dict(variables)))
-    return
+    return 0
 
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
   workdir = os.path.abspath(FLAGS.workdir)
-
   if FLAGS.mode == "baseline":
     task = train.get_task(config)
     stats = task.baseline(workdir)
     if stats is None:
       raise app.UsageError(f"config.model.name={config.model.name!r} has no baseline")
     _print(f"mean-pose baseline: {_format_stats(stats)}")
-    return
+    return 0
 
   if FLAGS.mode == "evaluate":
     result = train.evaluate_run(config, workdir, FLAGS.checkpoint)
     where = f"step {result['step']}" if result["step"] is not None else config.init.checkpoint
     _print(f"{result['metric']} {result[result['metric']]:.4f} ({where}); {_format_stats(result['stats'])}")
-    return
+    return 0
 
-  try:
-    summary = train.train_and_evaluate(config, workdir)
-  except train.DataNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  summary = train.train_and_evaluate(config, workdir)
   if summary.get("preempted"):
     _print(f"stopped at step {summary['step']} of {summary['total_steps']} on a preemption request; run the same "
            f"command again to resume from the checkpoint in {workdir}")
-    sys.exit(143)
+    return 143
   metric = summary["metric"]
   line = f"{metric} {summary[metric]:.4f}"
   baseline_key = f"baseline_{metric}"
@@ -150,10 +179,15 @@ def main(argv) -> None:
     line += f"  (mean-pose baseline {metric} {base:.4f}; {ratio:.2f}x)"
   _print(line)
   _print(f"{_format_stats(summary['stats'])}")
-  _print(f"{summary['step']} steps in {summary['wall_time_s']:.0f}s wall ({summary['compile_s']:.0f}s compile, "
+  steps = f"{summary['step']} steps"
+  if summary.get("steps_this_run", summary["step"]) != summary["step"]:
+    steps += (f" ({summary['steps_this_run']} in this run, resumed at step "
+              f"{summary['step'] - summary['steps_this_run']})")
+  _print(f"{steps} in {summary['wall_time_s']:.0f}s wall ({summary['compile_s']:.0f}s compile, "
          f"{summary['train_s']:.0f}s training, {summary['eval_s']:.0f}s evaluation); "
          f"summary: {os.path.join(workdir, 'summary.json')}")
   logging.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+  return 0
 
 
 def _resolve_config_argument(argv):

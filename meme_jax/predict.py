@@ -251,7 +251,8 @@ class PosePredictor:
       crops = []
       for k in range(start, stop):
         image = images[k] if color_rgb else images[k][..., ::-1]
-        crops.append(self.normalize.apply(self.crop_image(image, centers[k], scales[k], 0.0, self.image_size, std)))
+        crops.append(self.normalize.apply(self.crop_image(image, centers[k], scales[k], 0.0, self.image_size, std,
+                                                          udp=self.predictor.codec.udp)))
       batch = np.stack(crops)
       size = self._bucket(len(batch))
       if size > len(batch):

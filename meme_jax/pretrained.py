@@ -1,4 +1,9 @@
-"""Backbone initialisation of EEffPose from the public PyTorch weights the original training started from.
+"""Backbone initialisation from the public PyTorch weights the original trainings started from.
+
+`init_from_config(config, variables)` is what the trainer calls: it applies `config.init.backbone` (and, for
+EEffPose, `config.init.backbone_copies`) for the config's model family, over freshly initialised variables.
+
+EEffPose.
 
 The original `get_pose_net` (spec eeffpose 3) initialises, in this order:
 1. the whole timm backbone from the ImageNet classification weights (`tf_efficientnet_b0_aa` / `b2_aa`); the
@@ -20,7 +25,12 @@ Where to get the files (the original code downloads them; these machines have no
 - ImageNet: timm's `tf_efficientnet_b0_aa-827b6e33.pth` and `tf_efficientnet_b2_aa-60c94f97.pth`, released under
   https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/ (the `url` of
   `tf_efficientnet_b0_aa` / `b2_aa` in timm 0.4.9). The non-AA `tf_efficientnet_b0` weights have the same keys.
-Reading them needs torch (`pip install 'meme_jax[convert]'`).
+
+DEM: an ImageNet HRNet classification checkpoint (`hrnet_w32-36af842e.pth` / `hrnet_w48-8ef0771d.pth` of the HRNet
+image-classification release) gives the stem, layer1, the transitions and the stages (`hrnet_imagenet_backbone`);
+the heads keep their initialisation.
+
+Reading any of these needs torch (`pip install 'meme_jax[convert]'`).
 """
 import re
 from typing import Any, Dict, List, Mapping, Tuple
@@ -169,3 +179,71 @@ def init_pretrained(variables: Mapping[str, Any], config) -> Dict[str, Any]:
   source = " + ".join(p for p in (copies_path, backbone_path) if p)
   update = convert.variables_from_state_dict(state_dict, config, strict=False, source=source)
   return convert.merge_variables(variables, update)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DEM: ImageNet HRNet.
+
+_BACKBONE_PREFIXES = ("conv1.", "bn1.", "conv2.", "bn2.", "layer1.", "transition1.", "transition2.", "transition3.",
+                      "stage2.", "stage3.", "stage4.")
+
+
+def hrnet_imagenet_backbone(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """The part of an ImageNet HRNet classification state_dict (e.g. `hrnet_w32-36af842e.pth`) that exists in DEM.
+
+  Classification HRNet has the same stem, layer1, transitions and stages; it adds `incre_modules`,
+  `downsamp_modules`, `final_layer` and `classifier`, and its last stage-4 module fuses into every branch, whereas
+  the HigherHRNet-style backbone keeps only the fuse layers into branch 0 there. Both are dropped. Wrappers and
+  `module.`/`1.` prefixes are removed first. Feed the result to
+  `meme_jax.convert.variables_from_state_dict(..., strict=False)` (see `backbone_variables_from_torch`).
+
+  Note that ImageNet HRNet was trained with nearest fuse up-sampling (`config.model.fuse_upsample='nearest'`).
+  """
+  sd = convert.state_dict_from(state_dict, source="ImageNet HRNet state_dict")
+  stage4_modules = [int(m.group(1)) for k in sd for m in [re.match(r"stage4\.(\d+)\.", k)] if m]
+  last = max(stage4_modules) if stage4_modules else None
+  out = {}
+  for key, value in sd.items():
+    if not key.startswith(_BACKBONE_PREFIXES):
+      continue
+    m = re.match(r"stage4\.(\d+)\.fuse_layers\.(\d+)\.", key)
+    if m and int(m.group(1)) == last and int(m.group(2)) > 0:
+      continue
+    out[key] = value
+  return out
+
+
+def backbone_variables_from_torch(path: str, config) -> Dict[str, Any]:
+  """Reads an ImageNet HRNet `.pth` and returns the DEM backbone variables it provides ({'params', 'batch_stats'}),
+  checked against the model `config` builds (every provided key must exist with its shape); merge them into freshly
+  initialised variables with `meme_jax.convert.merge_variables`."""
+  subset = hrnet_imagenet_backbone(convert.load_state_dict(path))
+  if not subset:
+    raise convert.CheckpointMismatchError(f"{path}: no HRNet backbone keys (conv1, layer1, stageN, ...) found")
+  return convert.variables_from_state_dict(subset, config, strict=False, source=path)
+
+
+
+def init_hrnet_backbone(variables: Mapping[str, Any], config) -> Dict[str, Any]:
+  """Applies `config.init.backbone` (an ImageNet HRNet .pth) to DEM's backbone variables."""
+  init = config.get("init", None)
+  if init is not None and init.get("backbone_copies", ""):
+    raise ValueError(f"config.init.backbone_copies={init.backbone_copies!r}: only EEffPose has copied backbone "
+                     f"branches; a DEM backbone comes from config.init.backbone alone")
+  path = (init.get("backbone", "") if init is not None else "") or ""
+  if not path:
+    return {k: v for k, v in variables.items()}
+  return convert.merge_variables(variables, backbone_variables_from_torch(path, config))
+
+
+# What `config.init.backbone` means for each model family (`config.model.name`).
+_FAMILY_INIT = {"eeffpose": init_pretrained, "dem": init_hrnet_backbone}
+
+
+def init_from_config(config, variables: Mapping[str, Any]) -> Dict[str, Any]:
+  """`variables` with the backbone weights that `config.init` names loaded over them (the config's family)."""
+  name = config.model.get("name", "eeffpose")
+  if name not in _FAMILY_INIT:
+    raise ValueError(f"config.init.backbone: no backbone initialisation for config.model.name={name!r} "
+                     f"(known: {', '.join(sorted(_FAMILY_INIT))})")
+  return _FAMILY_INIT[name](variables, config)

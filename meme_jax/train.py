@@ -225,11 +225,10 @@ def load_init_weights(config, variables: Dict[str, Any]) -> Dict[str, Any]:
     variables = convert.merge_variables(variables, loaded)
     logging.info("Initialised from %s", path)
   if init.get("backbone", "") or init.get("backbone_copies", ""):
-    try:
-      from meme_jax import pretrained  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError("config.init.backbone needs meme_jax.pretrained, which is not available") from e
+    from meme_jax import pretrained  # pylint: disable=import-outside-toplevel
     variables = pretrained.init_from_config(config, variables)
+    logging.info("Initialised the backbone from %s",
+                 " + ".join(p for p in (init.get("backbone_copies", ""), init.get("backbone", "")) if p))
   return variables
 
 

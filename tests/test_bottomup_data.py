@@ -21,7 +21,7 @@ from data_pipelines.records import BadRecordError
 from meme_jax.codecs import affine
 from meme_jax.codecs.dem import DEMCodec
 from meme_jax.losses.dem import dem_loss
-from tests.conftest import shared_path
+from conftest import shared_path
 
 
 def config_for(name, annotations, images, input_size=None):

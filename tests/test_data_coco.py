@@ -11,7 +11,7 @@ import meme_jax
 from data_pipelines import coco
 from data_pipelines import topdown
 from data_pipelines.records import BadRecordError
-from tests.conftest import shared_path
+from conftest import shared_path
 
 COCO_DIR = "data/samples/coco"
 

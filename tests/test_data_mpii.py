@@ -10,7 +10,7 @@ import meme_jax
 from data_pipelines import mpii
 from data_pipelines import topdown
 from data_pipelines.records import BadRecordError
-from tests.conftest import shared_path
+from conftest import shared_path
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from data_pipelines import images
 from data_pipelines import topdown
 from data_pipelines import transforms as T
 from data_pipelines.records import BadRecordError
-from tests.conftest import shared_path
+from conftest import shared_path
 
 BATCH = 4
 

@@ -11,7 +11,7 @@ import meme_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import images  # pylint: disable=wrong-import-position
 from data_pipelines import tfds_builders  # pylint: disable=wrong-import-position
 from data_pipelines import topdown  # pylint: disable=wrong-import-position
-from tests.conftest import shared_path  # pylint: disable=wrong-import-position
+from conftest import shared_path  # pylint: disable=wrong-import-position
 
 
 def test_tfds_round_trip(tmp_path):

@@ -16,7 +16,7 @@ from data_pipelines import topdown
 from data_pipelines import transforms as T
 from meme_jax import keypoints as keypoints_lib
 from meme_jax.codecs import affine
-from tests.conftest import shared_path
+from conftest import shared_path
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +277,26 @@ def test_bgr_configs_normalise_in_their_order(config, coco_records):
   rgb_batch = next(iter(topdown.eval_batches(config, coco_records[:2], 2, num_threads=0)))
   bgr_batch = next(iter(topdown.eval_batches(bgr, coco_records[:2], 2, num_threads=0)))
   np.testing.assert_array_equal(rgb_batch["image"], bgr_batch["image"][..., ::-1])
+
+
+def test_udp_codec_makes_training_flips_exact(coco_records):
+  """With config.data.codec='udp' the training pipeline crops and encodes on one pixel grid: the crop and the
+  targets of a mirrored person are the exact mirror images of the original's (with the original codec they are
+  one pixel off, which the test-time heatmap shift compensates)."""
+  rec = next(r for r in coco_records if r["visible"].sum() >= 10)
+  image = cv2.cvtColor(cv2.imread(rec["image_file"]), cv2.COLOR_BGR2RGB)
+  perm = keypoints_lib.flip_permutation(17, keypoints_lib.COCO_FLIP_PAIRS)
+  data = meme_jax.load_config("configs/eeffpose_p0.py").data
+  for codec, exact in (("udp", True), ("msra", False)):
+    data.codec = codec
+    steps = T.Compose(T.eval_steps(data)[:1] + [T.GenerateHeatmaps(T.heatmap_codec(data))])
+    a = steps(T.new_sample(rec, image), None)
+    b = steps(T.flip_sample(T.new_sample(rec, image), perm), None)
+    mirrored = a["heatmaps"][:, ::-1][..., perm]
+    weights = a["target_weight"][perm] * b["target_weight"]
+    error = np.abs(b["heatmaps"] - mirrored)[..., weights > 0].max()
+    if exact:
+      np.testing.assert_allclose(b["joints"][:, 0], 191.0 - a["joints"][perm, 0], atol=1e-3)
+      assert error < 1e-5, error
+    else:
+      assert error > 0.1, error

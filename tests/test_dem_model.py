@@ -16,6 +16,7 @@ import pytest
 
 import meme_jax
 from meme_jax import convert
+from meme_jax import pretrained
 from meme_jax.models import build_model
 from meme_jax.models import hrnet
 from conftest import shared_path
@@ -341,13 +342,13 @@ def test_imagenet_backbone_subset(tmp_path, tiny_checkpoint, tiny_config, tiny_v
   import torch  # pylint: disable=import-outside-toplevel
   sd = _torch_state_dict(tiny_checkpoint)
   imagenet = _fake_imagenet_state_dict(sd)
-  subset = hrnet.hrnet_imagenet_backbone(imagenet)
+  subset = pretrained.hrnet_imagenet_backbone(imagenet)
   backbone_keys = {k for k in sd if not k.startswith(HEAD_PREFIXES) and not k.endswith("num_batches_tracked")}
   assert set(subset) == backbone_keys
   assert "stage4.0.fuse_layers.1.0.0.0.weight" in subset   # earlier stage-4 modules keep every fuse layer
 
   torch.save({"module." + k: v for k, v in imagenet.items()}, tmp_path / "hrnet_imagenet.pth")
-  loaded = hrnet.backbone_variables_from_torch(str(tmp_path / "hrnet_imagenet.pth"), tiny_config)
+  loaded = pretrained.backbone_variables_from_torch(str(tmp_path / "hrnet_imagenet.pth"), tiny_config)
   flat = _flatten(loaded)
   flat_all = _flatten(tiny_variables)
   heads = ("stem1_", "stem2_", "final_layers_", "deconv_layers_")
@@ -365,7 +366,7 @@ def test_imagenet_backbone_subset(tmp_path, tiny_checkpoint, tiny_config, tiny_v
   other = meme_jax.load_config(TINY)
   other.model.stage4.num_channels = (8, 16, 32, 48)
   with pytest.raises(convert.CheckpointMismatchError, match="transition3.3.0.0.weight"):
-    hrnet.backbone_variables_from_torch(str(tmp_path / "hrnet_imagenet.pth"), other)
+    pretrained.backbone_variables_from_torch(str(tmp_path / "hrnet_imagenet.pth"), other)
 
 
 # ---------------------------------------------------------------------------------------------------------------

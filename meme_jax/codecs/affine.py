@@ -1,9 +1,12 @@
-"""The top-down crop affine of the HRNet family (spec eeffpose 4.4 step 6 and 5.2 step 3).
+"""The top-down crop affines: the HRNet family's (spec eeffpose 4.4 step 6 and 5.2 step 3) and UDP's.
 
-A person box is a centre (x, y) and a scale (s_x, s_y) in units of `pixel_std` (200) pixels. The crop maps the
+A person box is a centre (x, y) and a scale (s_x, s_y) in units of `pixel_std` (200) pixels. The HRNet crop maps the
 centre to the middle of the output and the (rotated) vector (0, -s_x * 200 / 2) to (0, -W_out / 2); only s_x sets the
-zoom, the height follows from the output aspect ratio.
+zoom, the height follows from the output aspect ratio. The UDP crop maps the box edges onto the first and last pixel
+centres, so that a crop, its heatmap and their mirror images share one pixel grid. `crop_matrix` chooses between them.
 """
+from typing import Tuple
+
 import numpy as np
 import cv2
 
@@ -41,6 +44,38 @@ def get_affine_transform(center, scale, rotation_deg, output_size, shift=(0.0, 0
   if inverse:
     return cv2.getAffineTransform(np.float32(dst), np.float32(src))
   return cv2.getAffineTransform(np.float32(src), np.float32(dst))
+
+
+def udp_warp_matrix(center, scale, rotation_deg: float, output_size: Tuple[int, int],
+                    pixel_std: float = 200.0, inverse: bool = False) -> np.ndarray:
+  """The UDP crop affine (image -> crop of `output_size` (W, H)): box edges land on pixel centres 0 and W-1.
+
+  The box of size s * 200 around `center` maps onto [0, W-1] x [0, H-1]; rotation is about the box centre.
+  Use it for both the input crop (output_size = image_size) and the targets (heatmap_size) of UDP training.
+  """
+  theta = np.deg2rad(rotation_deg)
+  center = np.asarray(center, dtype=np.float64)
+  box = np.asarray(scale, dtype=np.float64).reshape(-1)[:2] * pixel_std
+  if box.size == 1:
+    box = np.repeat(box, 2)
+  sx = (output_size[0] - 1.0) / box[0]
+  sy = (output_size[1] - 1.0) / box[1]
+  cos, sin = np.cos(theta), np.sin(theta)
+  # Rotate about the centre, scale, then put the centre at the middle of the output.
+  linear = np.array([[cos * sx, -sin * sx], [sin * sy, cos * sy]])
+  offset = np.array([0.5 * (output_size[0] - 1.0), 0.5 * (output_size[1] - 1.0)]) - linear @ center
+  matrix = np.concatenate([linear, offset[:, None]], axis=1)
+  if inverse:
+    return cv2.invertAffineTransform(matrix)
+  return matrix
+
+
+def crop_matrix(center, scale, rotation_deg: float, output_size: Tuple[int, int], *, udp: bool = False,
+                inverse: bool = False, pixel_std: float = 200.0) -> np.ndarray:
+  """The image -> crop affine of a box (`inverse`: crop -> image), HRNet's or (`udp`) UDP's alignment."""
+  if udp:
+    return udp_warp_matrix(center, scale, rotation_deg, output_size, pixel_std=pixel_std, inverse=inverse)
+  return get_affine_transform(center, scale, rotation_deg, output_size, inverse=inverse, pixel_std=pixel_std)
 
 
 def apply_affine(points, matrix) -> np.ndarray:

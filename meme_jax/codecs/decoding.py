@@ -9,16 +9,18 @@ Refinements (`post_process`):
 - 'dark': distribution-aware decoding (Zhang et al., CVPR 2020): blur the map with a Gaussian (zero border), rescale
   it to its original maximum, take the log and move to the maximum of its second-order Taylor expansion. Works with
   models trained on the original targets.
-- 'udp': the decoding of unbiased data processing (Huang et al., CVPR 2020): blur (reflect border), clip to
-  [0.001, 50], log, one Newton step with unit-step derivatives, then back-projection with the pixel-aligned
-  `(size - 1)` scaling. It belongs with UDP training (`MSRAHeatmap.encode_udp` targets on crops made with
-  `udp_warp_matrix`); the UDP flip is exact, so it takes no heatmap shift.
+- 'udp': the refinement of unbiased data processing (Huang et al., CVPR 2020): blur (reflect border), clip to
+  [0.001, 50], log, one Newton step with unit-step derivatives. It needs the UDP codec (`config.data.codec='udp'`:
+  pixel-aligned crops, targets and back-projection, see `meme_jax.codecs.heatmap`); the UDP flip is exact, so it
+  takes no heatmap shift.
 - 'none': the integer argmax.
 """
 from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from meme_jax.codecs.affine import udp_warp_matrix  # noqa: F401  (also reachable from here)
 
 POST_PROCESS_CHOICES = ("quarter", "dark", "udp", "none")
 
@@ -279,30 +281,6 @@ def heatmap_to_image(coords, center, scale, heatmap_size: Tuple[int, int], udp: 
     out[..., 0] = (coords[..., 0] - 0.5 * width) * zoom + center[..., 0]
     out[..., 1] = (coords[..., 1] - 0.5 * height) * zoom + center[..., 1]
   return out
-
-
-def udp_warp_matrix(center, scale, rotation_deg: float, output_size: Tuple[int, int],
-                    pixel_std: float = 200.0, inverse: bool = False) -> np.ndarray:
-  """The UDP crop affine (image -> crop of `output_size` (W, H)): box edges land on pixel centres 0 and W-1.
-
-  The box of size s * 200 around `center` maps onto [0, W-1] x [0, H-1]; rotation is about the box centre.
-  Use it for both the input crop (output_size = image_size) and the targets (heatmap_size) of UDP training.
-  """
-  theta = np.deg2rad(rotation_deg)
-  center = np.asarray(center, dtype=np.float64)
-  box = np.asarray(scale, dtype=np.float64).reshape(-1)[:2] * pixel_std
-  if box.size == 1:
-    box = np.repeat(box, 2)
-  sx = (output_size[0] - 1.0) / box[0]
-  sy = (output_size[1] - 1.0) / box[1]
-  cos, sin = np.cos(theta), np.sin(theta)
-  # Rotate about the centre, scale, then put the centre at the middle of the output.
-  linear = np.array([[cos * sx, -sin * sx], [sin * sy, cos * sy]])
-  offset = np.array([0.5 * (output_size[0] - 1.0), 0.5 * (output_size[1] - 1.0)]) - linear @ center
-  matrix = np.concatenate([linear, offset[:, None]], axis=1)
-  if inverse:
-    return cv2.invertAffineTransform(matrix)
-  return matrix
 
 
 def rescore(maxvals, box_scores, in_vis_thre: float) -> np.ndarray:

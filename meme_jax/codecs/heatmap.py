@@ -5,22 +5,31 @@ step 8 and 5.1-5.2).
 joint position, size 6*sigma+1, clipped to the map; joints whose window lies wholly outside get weight 0.
 `decode` turns (flip-merged) heatmaps back into heatmap-pixel coordinates and confidences, and `to_image` maps those
 onto the image; the encoder and the decoder live in one object so train and test cannot disagree.
-`encode_udp` gives the targets of unbiased data processing, the training side of `post_process='udp'`.
+
+The codec also owns the crop alignment. `config.data.codec='udp'` selects unbiased data processing (Huang et al.,
+CVPR 2020, mmpose's UDPHeatmap) everywhere at once: crops whose box edges land on pixel centres
+(`affine.crop_matrix(udp=True)`), Gaussians centred at the exact sub-pixel joint (`encode_udp`), the matching
+back-projection, and an exact flip test. Training, evaluation and prediction all take their crops from
+`crop_matrix`, so they cannot disagree.
 """
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from meme_jax.codecs import affine
 from meme_jax.codecs import decoding
+
+CODECS = ("msra", "udp")
 
 
 class MSRAHeatmap:
-  """Keypoints in input-crop pixels <-> heatmaps of `heatmap_size` (W, H)."""
+  """Keypoints in input-crop pixels <-> heatmaps of `heatmap_size` (W, H); `udp` selects UDP's pixel alignment."""
 
-  def __init__(self, image_size: Tuple[int, int], heatmap_size: Tuple[int, int], sigma: float):
+  def __init__(self, image_size: Tuple[int, int], heatmap_size: Tuple[int, int], sigma: float, udp: bool = False):
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.heatmap_size = (int(heatmap_size[0]), int(heatmap_size[1]))
     self.sigma = float(sigma)
+    self.udp = bool(udp)
     self.stride = (self.image_size[0] / self.heatmap_size[0], self.image_size[1] / self.heatmap_size[1])
     radius = int(self.sigma * 3)
     size = 2 * radius + 1
@@ -29,8 +38,22 @@ class MSRAHeatmap:
     self._gaussian = np.exp(-((grid[None, :] - radius) ** 2 + (grid[:, None] - radius) ** 2)
                             / (2 * self.sigma ** 2)).astype(np.float32)
 
+  def crop_matrix(self, center, scale, rotation_deg: float = 0.0, *, inverse: bool = False,
+                  pixel_std: float = 200.0) -> np.ndarray:
+    """The image -> input-crop affine of a box with this codec's alignment (`inverse`: crop -> image)."""
+    return affine.crop_matrix(center, scale, rotation_deg, self.image_size, udp=self.udp, inverse=inverse,
+                              pixel_std=pixel_std)
+
   def encode(self, joints: np.ndarray, visible: np.ndarray):
-    """joints (J, 2) in crop pixels, visible (J,) in {0, 1} -> heatmaps (H, W, J) float32, weights (J,) float32."""
+    """joints (J, 2) in crop pixels, visible (J,) in {0, 1} -> heatmaps (H, W, J) float32, weights (J,) float32.
+
+    The original targets; with `udp`, `encode_udp`'s."""
+    if self.udp:
+      return self.encode_udp(joints, visible)
+    return self.encode_msra(joints, visible)
+
+  def encode_msra(self, joints: np.ndarray, visible: np.ndarray):
+    """The original targets: the Gaussian pasted at the integer-rounded joint (crops of `get_affine_transform`)."""
     num_joints = joints.shape[0]
     width, height = self.heatmap_size
     heatmaps = np.zeros((height, width, num_joints), dtype=np.float32)
@@ -54,7 +77,7 @@ class MSRAHeatmap:
     return heatmaps, weights
 
   def encode_udp(self, joints: np.ndarray, visible: np.ndarray):
-    """UDP targets: joints (J, 2) in pixels of a crop made with `decoding.udp_warp_matrix` -> (H, W, J), (J,).
+    """UDP targets: joints (J, 2) in pixels of a crop made with `affine.udp_warp_matrix` -> (H, W, J), (J,).
 
     The Gaussian is centred at the exact position joint * (heatmap - 1) / (image - 1), evaluated on the
     6*sigma+1 window around the rounded position; weights as in `encode`.
@@ -96,10 +119,9 @@ class MSRAHeatmap:
     """
     return decoding.decode_heatmaps(heatmaps, post_process, self.kernel_size(kernel_size))
 
-  def to_image(self, coords, center, scale, post_process: str = "quarter", pixel_std: float = 200.0) -> np.ndarray:
+  def to_image(self, coords, center, scale, pixel_std: float = 200.0) -> np.ndarray:
     """Heatmap-pixel coords (N, J, 2) -> image pixels for boxes (center (N, 2), scale (N, 2)); float64."""
-    return decoding.heatmap_to_image(coords, center, scale, self.heatmap_size, udp=post_process == "udp",
-                                     pixel_std=pixel_std)
+    return decoding.heatmap_to_image(coords, center, scale, self.heatmap_size, udp=self.udp, pixel_std=pixel_std)
 
   @staticmethod
   def flip_back(heatmaps, flip_pairs: Sequence[Sequence[int]]):
@@ -115,3 +137,12 @@ class MSRAHeatmap:
   def merge_flip(heatmaps, flipped_heatmaps, flip_pairs: Sequence[Sequence[int]], shift: bool = True):
     """The flip test's average of the plain and the flipped-back (optionally shifted) heatmaps."""
     return decoding.merge_flip(heatmaps, flipped_heatmaps, flip_pairs, shift)
+
+
+def codec_from_config(data_config) -> MSRAHeatmap:
+  """The heatmap codec of a top-down data config (`codec`: 'msra', the original, or 'udp')."""
+  name = data_config.get("codec", "msra")
+  if name not in CODECS:
+    raise ValueError(f"config.data.codec={name!r}: expected one of {', '.join(CODECS)}")
+  return MSRAHeatmap(tuple(data_config.image_size), tuple(data_config.heatmap_size), data_config.sigma,
+                     udp=name == "udp")

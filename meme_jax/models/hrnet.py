@@ -2,7 +2,8 @@
 
 Every Flax module is named after the PyTorch module path of the original (`conv1`, `layer1_0/downsample_0`,
 `transition1_1_0_0`, `stage2_0/branches_1_3/conv1`, `stage2_0/fuse_layers_1_0_0_0`, ...), so that the converter's
-single naming rule (`meme_jax.convert`) maps original and ImageNet HRNet checkpoints onto these variables.
+single naming rule (`meme_jax.convert`) maps original and ImageNet HRNet checkpoints onto these variables
+(`meme_jax.pretrained` selects the backbone part of an ImageNet HRNet).
 
 The backbone is written as a function (`higher_hrnet_features`) that creates its layers in the scope of the module
 calling it: the DEM network keeps the original's flat names (`conv1`, not `backbone/conv1`), and
@@ -14,8 +15,7 @@ Fuse up-sampling (spec dem 1.3): the double-embedding code resizes lower-resolut
 """
 import dataclasses
 import math
-import re
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -336,44 +336,3 @@ class HigherHRNetBackbone(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # ImageNet HRNet checkpoints.
-
-_BACKBONE_PREFIXES = ("conv1.", "bn1.", "conv2.", "bn2.", "layer1.", "transition1.", "transition2.", "transition3.",
-                      "stage2.", "stage3.", "stage4.")
-
-
-def hrnet_imagenet_backbone(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-  """The part of an ImageNet HRNet classification state_dict (e.g. `hrnet_w32-36af842e.pth`) that exists in DEM.
-
-  Classification HRNet has the same stem, layer1, transitions and stages; it adds `incre_modules`,
-  `downsamp_modules`, `final_layer` and `classifier`, and its last stage-4 module fuses into every branch, whereas
-  the HigherHRNet-style backbone keeps only the fuse layers into branch 0 there. Both are dropped. Wrappers and
-  `module.`/`1.` prefixes are removed first. Feed the result to
-  `meme_jax.convert.variables_from_state_dict(..., strict=False)` (see `backbone_variables_from_torch`).
-
-  Note that ImageNet HRNet was trained with nearest fuse up-sampling (`config.model.fuse_upsample='nearest'`).
-  """
-  from meme_jax import convert  # pylint: disable=import-outside-toplevel
-  sd = convert.state_dict_from(state_dict, source="ImageNet HRNet state_dict")
-  stage4_modules = [int(m.group(1)) for k in sd for m in [re.match(r"stage4\.(\d+)\.", k)] if m]
-  last = max(stage4_modules) if stage4_modules else None
-  out = {}
-  for key, value in sd.items():
-    if not key.startswith(_BACKBONE_PREFIXES):
-      continue
-    m = re.match(r"stage4\.(\d+)\.fuse_layers\.(\d+)\.", key)
-    if m and int(m.group(1)) == last and int(m.group(2)) > 0:
-      continue
-    out[key] = value
-  return out
-
-
-def backbone_variables_from_torch(path: str, config) -> Dict[str, Any]:
-  """Reads an ImageNet HRNet `.pth` and returns the DEM backbone variables it provides ({'params', 'batch_stats'}),
-  checked against the model `config` builds (every provided key must exist with its shape); merge them into freshly
-  initialised variables with `meme_jax.convert.merge_variables`."""
-  from meme_jax import convert  # pylint: disable=import-outside-toplevel
-  subset = hrnet_imagenet_backbone(convert.load_state_dict(path))
-  if not subset:
-    raise convert.CheckpointMismatchError(f"{path}: no HRNet backbone keys (conv1, layer1, stageN, ...) found")
-  return convert.variables_from_state_dict(subset, config, strict=False, source=path)
-
