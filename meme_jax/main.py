@@ -122,13 +122,23 @@ def _input_errors() -> tuple:
 
 
 def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> None:
-  """Ends the run now: the full traceback in the log (for unexpected errors), the error as the last line."""
+  """Ends the run now: the full traceback in the log (for unexpected errors), the error's first line (what went
+  wrong, with the file or record it concerns) as the last line of the output, its details just above.
+
+  By the time an error reaches here the trainer has stopped its input workers and finished or abandoned its
+  checkpoint writes. What may still run is a train-step compilation in a helper thread (the error came during
+  initialisation), which an ordinary interpreter exit would wait minutes for; `os._exit` does not wait.
+  """
   if traceback:
     logging.exception("the run failed")
   logging.flush()
   sys.stdout.flush()
-  print(f"error: {type(error).__name__}: {error}" if traceback else f"error: {error}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  message = f"{type(error).__name__}: {error}" if traceback else str(error)
+  lines = message.strip().splitlines() or [type(error).__name__]
+  if len(lines) > 1:
+    print("\n".join(lines[1:]), file=sys.stderr)
+  print(f"error: {lines[0]}", file=sys.stderr, flush=True)
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _run_mode(config) -> int:

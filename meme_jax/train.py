@@ -442,13 +442,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   # The train step compiles ahead of time, from shapes alone, in a second thread while the variables are
   # initialised: on a CPU each takes minutes on one core. Compiling first also shows a shape or sharding error
   # before any data is read, and separates compile time from training time.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    compiling = pool.submit(_timed, lambda: step_fn.lower(
-        abstract, _batch_spec(loader, task, config, batch_per_process, mesh)).compile())
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  compiling = pool.submit(_timed, lambda: step_fn.lower(
+      abstract, _batch_spec(loader, task, config, batch_per_process, mesh)).compile())
+  try:
     t = time.time()
     state = create_state(initial_variables(model, config, init_rng), tx, state_rng, mesh)
     init_s = time.time() - t
     step_fn, compile_s = compiling.result()
+  finally:
+    # A failed initialisation (a bad backbone file, say) is reported now, not after the compilation, which
+    # `main` does not wait for either.
+    pool.shutdown(wait=False, cancel_futures=True)
   logging.info("Initialised the variables in %.1fs; compiled the train step in %.1fs (in parallel)", init_s,
                compile_s)
   writer.write_scalars(0, {"timing/init_s": init_s, "timing/compile_s": compile_s})
