@@ -415,10 +415,6 @@ class _BatchesIterator(grain.DatasetIterator):
     self.next_batch += 1
     return {k: self.chunk[k][m].view(np.ndarray) for k in ("image", "heatmaps", "target_weight")}
 
-  def close(self) -> None:
-    super().close()          # stops the workers
-    self.slots.unlink_all()
-
   def get_state(self):
     return dict(parent=self.parent_state, next_batch=self.next_batch if self.chunk is not None else -1,
                 chunks_done=self.chunks_done, skipped=dict(self.skipped), skipped_total=self.skipped_total,
