@@ -30,7 +30,6 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from absl import flags
 from absl import logging
-import cv2
 import grain
 import numpy as np
 
@@ -40,6 +39,7 @@ from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import shared_slots
 from data_pipelines import transforms as T
+from data_pipelines import workers
 from data_pipelines.records import BadRecordError, RecordTable, SkipReport
 
 _INFINITE = sys.maxsize
@@ -453,7 +453,7 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   global _IN_WORKER_PROCESS
   _IN_WORKER_PROCESS = True
-  cv2.setNumThreads(1)     # one core per worker; cv2's own threads would oversubscribe
+  workers.init_worker()
 
 
 def _ensure_absl_flags_parsed() -> None:
