@@ -32,6 +32,11 @@ def skip_bad_records(data_config) -> bool:
   return bool(data_config.get("skip_bad_records", False))
 
 
+def with_skip_hint(error: BadRecordError) -> BadRecordError:
+  """The error, saying how to skip such records instead: for errors the skip policy covers, raised with it off."""
+  return BadRecordError(f"{error} (set config.data.skip_bad_records=True to skip such records)")
+
+
 class SkipReport:
   """Counts the records skipped while loading (by reason) and logs them; raises instead when skipping is off."""
 
@@ -44,7 +49,7 @@ class SkipReport:
   def bad(self, message: str, reason: str) -> None:
     """Handles one bad record: raises, or records the skip."""
     if not self.allow_skip:
-      raise BadRecordError(message + " (set config.data.skip_bad_records=True to skip such records)")
+      raise with_skip_hint(BadRecordError(message))
     self.reasons[reason] += 1
     if len(self.examples) < 5:
       self.examples.append(message)

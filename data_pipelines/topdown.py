@@ -307,7 +307,7 @@ class _ProcessChunk(grain.transforms.Map):
           image = self.examples.read(table, image_index, context=f" (record {r}, image_id {int(table.image_id[r])})")
         except BadRecordError as e:
           if not self.skip:
-            raise
+            raise records_lib.with_skip_hint(e) from None
           image = None
           bad.append(str(e))
       if image is None:
@@ -611,7 +611,7 @@ class _EvalBatch(grain.transforms.Map):
           cache = {k: self.examples.read(table, k, context=f" (record {int(r)}, image_id {int(table.image_id[r])})")}
         except BadRecordError as e:
           if not self.skip:
-            raise
+            raise records_lib.with_skip_hint(e) from None
           logging.warning("evaluation: skipping the persons of an unreadable image: %s", e)
           cache = {k: None}
       if cache[k] is None:

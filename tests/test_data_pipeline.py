@@ -163,6 +163,20 @@ def test_unreadable_image_is_an_error(broken_copy):
     take(iter(loader(broken_copy, records)), 6)
 
 
+def test_unreadable_image_in_training_or_evaluation_says_how_to_skip_it(broken_copy):
+  records = topdown.load_records(broken_copy, "train")
+  hint = r"197388.jpg: cannot decode the image .*image_id 197388\) \(set config.data.skip_bad_records=True"
+  for workers in (0, 1):     # raised in this process, or in a worker and passed on
+    it = iter(loader(broken_copy, records, workers=workers))
+    try:
+      with pytest.raises(BadRecordError, match=hint):
+        take(it, 6)
+    finally:
+      it.close()
+  with pytest.raises(BadRecordError, match=hint):
+    list(topdown.eval_batches(broken_copy, records, 4, num_threads=0))
+
+
 def test_unreadable_image_skips_are_counted_and_logged(broken_copy, caplog):
   broken_copy.data.skip_bad_records = True
   broken_copy.data.chunk_size = BATCH
