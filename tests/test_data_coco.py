@@ -177,6 +177,7 @@ def write(tmp_path, raw):
 @pytest.mark.parametrize("edit, words", [
     (lambda a: a.update(keypoints=a["keypoints"][:-3]), ["'keypoints'", "48 values", "expected 51"]),
     (lambda a: a.update(bbox=[1.0, 2.0, 0.0, 40.0]), ["'bbox'", "zero area"]),
+    (lambda a: (a.pop("area"), a.update(bbox=[1.0, 2.0, 25.0, 0.0])), ["'bbox'", "zero area"]),   # CrowdPose-style
     (lambda a: a.pop("bbox"), ["'bbox'"]),
     (lambda a: a.update(keypoints=["x"] * 51), ["'keypoints'"]),
     (lambda a: a.pop("image_id"), ["missing image_id"]),
