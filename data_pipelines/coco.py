@@ -130,7 +130,8 @@ def load_coco_records(annotation_file: str, image_dir: str, data_config, *, trai
       if rec is not None:
         image_records.append(rec)
     if image_records and check_files and not os.path.isfile(image_file):
-      report.bad(f"{where}: image file {image_file} does not exist ({len(image_records)} persons)", "missing image")
+      report.bad(f"{where}: image file {image_file} does not exist ({len(image_records)} persons)", "missing image",
+                 count=len(image_records))
       continue
     records.extend(image_records)
   if own_report:

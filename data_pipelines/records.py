@@ -46,11 +46,12 @@ class SkipReport:
     self.reasons = collections.Counter()
     self.examples: List[str] = []
 
-  def bad(self, message: str, reason: str) -> None:
-    """Handles one bad record: raises, or records the skip."""
+  def bad(self, message: str, reason: str, count: int = 1) -> None:
+    """Handles one bad record (or `count` records with one cause, e.g. the persons of a missing image): raises, or
+    records the skip."""
     if not self.allow_skip:
       raise with_skip_hint(BadRecordError(message))
-    self.reasons[reason] += 1
+    self.reasons[reason] += count
     if len(self.examples) < 5:
       self.examples.append(message)
 

@@ -210,7 +210,7 @@ def test_missing_image_file(config, sample_copy):
   skipping.skip_bad_records = True
   report = coco.SkipReport("test", True)
   records = coco.load_coco_records(path, str(tmp_path), skipping, train=True, report=report)
-  assert report.count == 1 and len(records) == 12 - 5
+  assert report.count == 5 and report.reasons == {"missing image": 5} and len(records) == 12 - 5   # per person
 
 
 def test_bad_detection(config, tmp_path):
