@@ -9,6 +9,7 @@ Modules (imported on demand; grain and pycocotools are not loaded by importing t
   transforms    the original top-down augmentation as composable steps, crop_image, targets
   topdown       grain pipelines: train_loader, train_dataset, eval_dataset, eval_batches
   shared_slots  reusable shared-memory slots between worker processes and the main process
+  workers       what every worker process does first (cv2 on one core, exit when the trainer is gone)
   tfds_builders optional TFDS (array_record) builder, extra [tfds]
   benchmark     samples/s per core of the training pipeline
 """

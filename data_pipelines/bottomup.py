@@ -38,6 +38,7 @@ from data_pipelines import coco as coco_lib
 from data_pipelines import images as images_lib
 from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
+from data_pipelines import workers
 from data_pipelines.records import BadRecordError, SkipReport
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
 from meme_jax.codecs.dem import DEMCodec
@@ -318,7 +319,7 @@ class BottomUpTrainLoader:
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
-  cv2.setNumThreads(1)     # one core per worker process; cv2's own threads would oversubscribe
+  workers.init_worker()
 
 
 def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[int] = None,

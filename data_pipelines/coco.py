@@ -8,7 +8,8 @@ person category. The record rule is the original's (spec eeffpose 4.3):
     has x2 >= x1 and y2 >= y1; annotations whose keypoint list is all zeros are left out;
   * visibility v > 1 counts as 1;
   * the clipped box [x1, y1, x2-x1, y2-y1] gives center/scale (aspect fix to the input W/H, x1.25 padding).
-Annotations without an 'area' field (CrowdPose) use the box area w*h for the area test and the record.
+Annotations without an 'area' field (CrowdPose) use the box area w*h for the record; their box is then checked for
+zero area as below, rather than left out by the area test.
 
 Bad data that the rule above would turn into a wrong crop is an error naming the file and record (or a counted skip
 with `data.skip_bad_records`): a malformed annotation (missing or non-numeric fields), a keypoint list of the wrong
@@ -129,7 +130,8 @@ def load_coco_records(annotation_file: str, image_dir: str, data_config, *, trai
       if rec is not None:
         image_records.append(rec)
     if image_records and check_files and not os.path.isfile(image_file):
-      report.bad(f"{where}: image file {image_file} does not exist ({len(image_records)} persons)", "missing image")
+      report.bad(f"{where}: image file {image_file} does not exist ({len(image_records)} persons)", "missing image",
+                 count=len(image_records))
       continue
     records.extend(image_records)
   if own_report:
@@ -160,9 +162,10 @@ def _annotation_record(ann, where, width, height, image_file, num_joints, data_c
   if not records_lib.finite_numbers([area]):
     report.bad(f"{ident}: field 'area' is not a finite number", "malformed annotation")
     return None
-  # The original's filter: these are ordinary COCO annotations, left out without counting.
+  # The original's filter: these are ordinary COCO annotations, left out without counting. An area derived from the
+  # box is not a fact of the annotation: a zero-area box must reach the check below.
   clean = clip_box(box, width, height)
-  if area <= 0 or clean is None or max(keypoints) == 0:
+  if ("area" in ann and area <= 0) or clean is None or max(keypoints) == 0:
     return None
   if box[2] <= 0 or box[3] <= 0 or (clean[2] <= 0 and clean[3] <= 0):
     report.bad(f"{ident}: field 'bbox' {box} has zero area", "zero-area box")

@@ -32,6 +32,11 @@ def skip_bad_records(data_config) -> bool:
   return bool(data_config.get("skip_bad_records", False))
 
 
+def with_skip_hint(error: BadRecordError) -> BadRecordError:
+  """The error, saying how to skip such records instead: for errors the skip policy covers, raised with it off."""
+  return BadRecordError(f"{error} (set config.data.skip_bad_records=True to skip such records)")
+
+
 class SkipReport:
   """Counts the records skipped while loading (by reason) and logs them; raises instead when skipping is off."""
 
@@ -41,11 +46,12 @@ class SkipReport:
     self.reasons = collections.Counter()
     self.examples: List[str] = []
 
-  def bad(self, message: str, reason: str) -> None:
-    """Handles one bad record: raises, or records the skip."""
+  def bad(self, message: str, reason: str, count: int = 1) -> None:
+    """Handles one bad record (or `count` records with one cause, e.g. the persons of a missing image): raises, or
+    records the skip."""
     if not self.allow_skip:
-      raise BadRecordError(message + " (set config.data.skip_bad_records=True to skip such records)")
-    self.reasons[reason] += 1
+      raise with_skip_hint(BadRecordError(message))
+    self.reasons[reason] += count
     if len(self.examples) < 5:
       self.examples.append(message)
 

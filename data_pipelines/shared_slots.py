@@ -8,6 +8,10 @@ is garbage (including any array that borrowed its memory, e.g. a zero-copy `jax.
 marks the slot free again. A slot is never reused while anything still refers to it.
 
 When every slot is in use (a consumer holding many batches), the worker falls back to a fresh segment per chunk.
+
+The main process unlinks each segment's name as soon as it has mapped it: the memory stays while either process
+maps it, and goes with the last mapping, which the kernel removes when a process ends, however it ends. So once
+mapped, no crash of the main process, of a worker or of both together leaves a slot in /dev/shm.
 """
 import mmap
 import multiprocessing.util
@@ -47,7 +51,7 @@ class SlotPool:
     self.flags = np.ndarray((self.max_slots,), np.uint8, buffer=self.control.buf)
     self.flags[:] = 0
     self.slots = []
-    # Unlinked when the worker process ends normally (mappings in the main process stay valid until unmapped).
+    # Slots the main process never mapped (and so never unlinked) are unlinked when the worker ends normally.
     multiprocessing.util.Finalize(self, SlotPool._unlink, args=(self.control, self.slots), exitpriority=10)
 
   def acquire(self) -> Optional[Tuple[Dict[str, Any], np.ndarray]]:
@@ -115,32 +119,19 @@ class LocalSlots:
     self.__init__(state["nbytes"], state["max_slots"])
 
 
-def _unlink_all(segments: Dict[str, shared_memory.SharedMemory]) -> None:
-  for shm in list(segments.values()):
-    try:
-      shm.unlink()
-    except FileNotFoundError:
-      pass
-
-
 class SlotReader:
-  """Main side: maps slots by name (once) and returns buffers whose garbage collection frees the slot."""
+  """Main side: maps slots by name (once, then unlinks the name) and returns buffers whose garbage collection frees
+  the slot."""
 
   def __init__(self):
     self._segments: Dict[str, shared_memory.SharedMemory] = {}
     self._flags: Dict[str, np.ndarray] = {}
-    # The workers unlink their segments when they end normally; when they are killed (interpreter exit, a closed
-    # iterator whose workers did not stop in time) this does it, at close() or at exit.
-    self._finalizer = weakref.finalize(self, _unlink_all, self._segments)
-
-  def unlink_all(self) -> None:
-    """Removes the names of every segment seen (mappings stay valid while arrays use them)."""
-    self._finalizer()
 
   def _open(self, name: str) -> shared_memory.SharedMemory:
     shm = self._segments.get(name)
     if shm is None:
       shm = self._segments[name] = shared_memory.SharedMemory(name=name)
+      shm.unlink()   # see the module docstring: the worker and this process keep their mappings
     return shm
 
   def buffer(self, descriptor: Dict[str, Any]) -> np.ndarray:

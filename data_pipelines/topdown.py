@@ -30,7 +30,6 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from absl import flags
 from absl import logging
-import cv2
 import grain
 import numpy as np
 
@@ -40,6 +39,7 @@ from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import shared_slots
 from data_pipelines import transforms as T
+from data_pipelines import workers
 from data_pipelines.records import BadRecordError, RecordTable, SkipReport
 
 _INFINITE = sys.maxsize
@@ -307,7 +307,7 @@ class _ProcessChunk(grain.transforms.Map):
           image = self.examples.read(table, image_index, context=f" (record {r}, image_id {int(table.image_id[r])})")
         except BadRecordError as e:
           if not self.skip:
-            raise
+            raise records_lib.with_skip_hint(e) from None
           image = None
           bad.append(str(e))
       if image is None:
@@ -415,10 +415,6 @@ class _BatchesIterator(grain.DatasetIterator):
     self.next_batch += 1
     return {k: self.chunk[k][m].view(np.ndarray) for k in ("image", "heatmaps", "target_weight")}
 
-  def close(self) -> None:
-    super().close()          # stops the workers
-    self.slots.unlink_all()
-
   def get_state(self):
     return dict(parent=self.parent_state, next_batch=self.next_batch if self.chunk is not None else -1,
                 chunks_done=self.chunks_done, skipped=dict(self.skipped), skipped_total=self.skipped_total,
@@ -457,7 +453,7 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   global _IN_WORKER_PROCESS
   _IN_WORKER_PROCESS = True
-  cv2.setNumThreads(1)     # one core per worker; cv2's own threads would oversubscribe
+  workers.init_worker()
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -615,7 +611,7 @@ class _EvalBatch(grain.transforms.Map):
           cache = {k: self.examples.read(table, k, context=f" (record {int(r)}, image_id {int(table.image_id[r])})")}
         except BadRecordError as e:
           if not self.skip:
-            raise
+            raise records_lib.with_skip_hint(e) from None
           logging.warning("evaluation: skipping the persons of an unreadable image: %s", e)
           cache = {k: None}
       if cache[k] is None:

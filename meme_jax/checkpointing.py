@@ -94,7 +94,9 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
     best_fn = None
     if best_metric:
-      best_fn = lambda metrics: float(metrics[best_metric])  # pylint: disable=unnecessary-lambda-assignment
+      # A checkpoint saved without an evaluation has metrics `{}` (see `save`): the worst of all.
+      worst = float("inf") if best_mode == "min" else float("-inf")
+      best_fn = lambda metrics: float(metrics.get(best_metric, worst))  # pylint: disable=unnecessary-lambda-assignment
       policies.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
@@ -137,7 +139,11 @@ class Checkpointer:
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items[DATA] = DataIteratorSave(data_iterator)
-    if metrics is not None and self.best_metric and self.best_metric not in metrics:
+    if self.best_metric:
+      # With a best metric, orbax expects metrics at every save (and warns at each one without): a checkpoint
+      # without an evaluation gets none of its own, so it is never kept as the best while an evaluated one exists.
+      metrics = metrics if metrics is not None and self.best_metric in metrics else {}
+    else:
       metrics = None
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 

@@ -21,6 +21,7 @@ import lzma
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -31,7 +32,13 @@ _PREFIXES = ("module.", "1.")
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit the model a config builds; the message lists every offending key."""
+  """A checkpoint does not fit the model a config builds. The message says what the checkpoint looks like, which
+  config would fit it, and the first offending keys of each kind with their counts; `keys_file` (named in the
+  message) lists every one."""
+
+  def __init__(self, message: str, keys_file: Optional[str] = None):
+    super().__init__(message)
+    self.keys_file = keys_file
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,20 +185,54 @@ def variable_shapes(config) -> Dict[str, Dict[Path, Tuple[int, ...]]]:
   return {col: {p: tuple(s.shape) for p, s in _flatten(tree).items()} for col, tree in shapes.items()}
 
 
-def _format_keys(title: str, rows) -> str:
+# Keys of each kind shown in a mismatch message; the file it names has them all (a DEM checkpoint given to an
+# EEffPose config has over 1,600).
+_SHOWN_KEYS = 5
+
+
+def _format_keys(title: str, rows, limit: Optional[int] = None) -> str:
   rows = list(rows)
-  return f"{title} ({len(rows)}):\n" + "\n".join(f"  {r}" for r in rows) if rows else ""
+  if not rows:
+    return ""
+  shown = rows if limit is None or len(rows) <= limit else rows[:limit]
+  text = f"{title} ({len(rows)}):\n" + "\n".join(f"  {r}" for r in shown)
+  return text + (f"\n  ... and {len(rows) - len(shown)} more" if len(shown) < len(rows) else "")
 
 
-def match_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Mapping[Path, Tuple[int, ...]]],
-                     *, strict: bool = True, config_name: str = "config",
-                     source: str = "checkpoint") -> Dict[str, Dict[Path, np.ndarray]]:
-  """Places state_dict tensors at their Flax locations, checking every key and shape.
+def _write_keys_file(source: str, text: str) -> Optional[str]:
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(str(source)))[:60] or "checkpoint"
+  try:
+    fd, path = tempfile.mkstemp(prefix=f"checkpoint_mismatch_{name}_", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  except OSError:
+    return None
+  return path
 
-  With `strict`, every template variable must be provided; without it (backbone initialisation), only keys that
-  are provided are checked. Any unexpected key, shape mismatch or (strict) missing variable raises one error that
-  lists all of them.
-  """
+
+def _mismatch_error(header: str, state_dict: Mapping[str, Any], sections,
+                   source: str = "checkpoint") -> CheckpointMismatchError:
+  """The error for a checkpoint that does not fit: `header`, what the checkpoint looks like and which config in
+  configs/ fits it, then for each (title, rows) of `sections` its count and first rows; every row goes into a file
+  the message names (or, when no file can be written, into the message)."""
+  description, fitting = _identify(state_dict)
+  parts = [header, f"The checkpoint looks like: {description}."]
+  if fitting is not None and _fits(state_dict, fitting):
+    parts.append(f"It fits the model of {fitting}.")
+  else:
+    parts.append("No config in configs/ builds exactly this model" +
+                 (f"; the nearest is {fitting}." if fitting is not None else "."))
+  sections = [(title, list(rows)) for title, rows in sections if rows]
+  full = "\n".join(parts + [_format_keys(title, rows) for title, rows in sections])
+  keys_file = _write_keys_file(source, full)
+  parts += [_format_keys(title, rows, None if keys_file is None else _SHOWN_KEYS) for title, rows in sections]
+  if keys_file is not None:
+    parts.append(f"Every key: {keys_file}")
+  return CheckpointMismatchError("\n".join(parts), keys_file)
+
+
+def _place(state_dict: Mapping[str, Any], template: Mapping[str, Mapping[Path, Tuple[int, ...]]], strict: bool):
+  """(placed arrays by collection, unexpected keys, shape mismatches, missing variables), as rows for messages."""
   placed: Dict[str, Dict[Path, np.ndarray]] = {col: {} for col in template}
   unexpected, wrong_shape = [], []
   owners: Dict[Any, Tuple[str, Path]] = {}
@@ -224,20 +265,54 @@ def match_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Mappi
       for path, shape in shapes.items():
         if path not in placed.get(collection, {}):
           missing.append(f"{collection}/{'/'.join(path)} {tuple(shape)}")
+  return placed, unexpected, wrong_shape, missing
+
+
+def match_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Mapping[Path, Tuple[int, ...]]],
+                     *, strict: bool = True, config_name: str = "config",
+                     source: str = "checkpoint") -> Dict[str, Dict[Path, np.ndarray]]:
+  """Places state_dict tensors at their Flax locations, checking every key and shape.
+
+  With `strict`, every template variable must be provided; without it (backbone initialisation), only keys that
+  are provided are checked. Any unexpected key, shape mismatch or (strict) missing variable raises one error (see
+  `_mismatch_error`) that counts each kind and names a file listing all of them.
+  """
+  placed, unexpected, wrong_shape, missing = _place(state_dict, template, strict)
   if unexpected or wrong_shape or missing:
-    parts = [f"{source} does not fit the model built by {config_name}."]
-    parts.append(f"The checkpoint looks like: {describe_state_dict(state_dict)}.")
-    for title, rows in (("unexpected keys", unexpected), ("shape mismatches", wrong_shape),
-                        ("missing variables", missing)):
-      text = _format_keys(title, rows)
-      if text:
-        parts.append(text)
-    raise CheckpointMismatchError("\n".join(parts))
+    raise _mismatch_error(f"{source} does not fit the model built by {config_name}.", state_dict,
+                         (("unexpected keys", unexpected), ("shape mismatches", wrong_shape),
+                          ("missing variables", missing)), source=source)
   return placed
+
+
+def _load_config(path: str):
+  from meme_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  return load_config(path)
+
+
+def _fits(state_dict: Mapping[str, Any], config_path: str) -> bool:
+  """Whether the state_dict is exactly the model of `config_path` (building its variable shapes: seconds)."""
+  try:
+    _, unexpected, wrong_shape, missing = _place(state_dict, variable_shapes(_load_config(config_path)), True)
+  except Exception:  # pylint: disable=broad-except   # a hint in an error message must not raise another error
+    return False
+  return not (unexpected or wrong_shape or missing)
+
+
+# (neck width, joints) of the released EEffPose models and (HRNet width, joints) of the DEM ones -> their config.
+_EEFFPOSE_CONFIGS = {(64, 17): "configs/eeffpose_p0.py", (64, 16): "configs/eeffpose_p0_mpii.py",
+                     (112, 17): "configs/eeffpose_p2.py", (112, 16): "configs/eeffpose_p2_mpii.py"}
+_DEM_CONFIGS = {(32, 17): "configs/dem_w32_coco.py", (32, 14): "configs/dem_w32_crowdpose.py",
+                (32, 16): "configs/dem_w32_mpii.py", (48, 17): "configs/dem_w48_coco.py"}
 
 
 def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
   """A best guess of which model (family, variant, width, joints) a state_dict belongs to."""
+  return _identify(state_dict)[0]
+
+
+def _identify(state_dict: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
+  """(`describe_state_dict`'s text, the config in configs/ of a model of that family, width and joints, if any)."""
   keys = list(state_dict)
   shape = lambda k: tuple(state_dict[k].shape)  # noqa: E731
   n_params = sum(int(np.prod(shape(k))) for k in keys
@@ -254,23 +329,25 @@ def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
     size = {64: "P0 (EfficientNet-B0)", 112: "P2 (EfficientNet-B2)"}.get(width, f"neck width {width}")
     if blocks and not stem:
       size += ", no stem"
+    fitting = _EEFFPOSE_CONFIGS.get((width, joints)) if backbone.startswith("eeffnet") and neck == "tfneck" else None
     return (f"EEffPose, backbone {backbone}, neck {neck}, head with {scales} scales, {size}, {joints} joints, "
-            f"{n_params:,} parameters")
+            f"{n_params:,} parameters"), fitting
   if any(k.startswith("stage4.") for k in keys):
     c2 = [shape(k)[0] for k in keys if k == "stage2.0.branches.0.0.conv1.weight"]
     width = f"HRNet-W{c2[0]}" if c2 else "HRNet"
     if any(k.startswith("final_layers_ae.") for k in keys):
       heat = [shape(k)[0] for k in keys if k == "final_layers_ae.1.weight"]
       joints = heat[0] - 1 if heat else "?"
-      return f"DEM (double embedding), {width}, {joints} joints + centre, {n_params:,} parameters"
+      fitting = _DEM_CONFIGS.get((c2[0] if c2 else None, joints))
+      return f"DEM (double embedding), {width}, {joints} joints + centre, {n_params:,} parameters", fitting
     if any(k.startswith("final_layers.") for k in keys):
-      return f"HigherHRNet ({width}), {n_params:,} parameters"
-    return f"{width} backbone only (e.g. ImageNet classification weights), {n_params:,} parameters"
+      return f"HigherHRNet ({width}), {n_params:,} parameters", None
+    return f"{width} backbone only (e.g. ImageNet classification weights), {n_params:,} parameters", None
   if any(k.startswith("backbone.") for k in keys):
-    return f"EfficientDet checkpoint (backbone + BiFPN + box/class nets), {n_params:,} parameters"
+    return f"EfficientDet checkpoint (backbone + BiFPN + box/class nets), {n_params:,} parameters", None
   if any(k.startswith("blocks.") for k in keys) and "conv_stem.weight" in keys:
-    return f"timm EfficientNet classification checkpoint, {n_params:,} parameters"
-  return f"unrecognised layout, {len(keys)} tensors, {n_params:,} parameters"
+    return f"timm EfficientNet classification checkpoint, {n_params:,} parameters", None
+  return f"unrecognised layout, {len(keys)} tensors, {n_params:,} parameters", None
 
 
 # ---------------------------------------------------------------------------------------------------------------

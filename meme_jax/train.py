@@ -596,8 +596,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     for hook in hooks:
       reporting.end_profile(hook)
 
-  summary: Dict[str, Any] = dict(step=step, total_steps=total_steps, epochs=step / steps_per_epoch,
-                                 preempted=stop == "preempted", stopped_by_time_budget=stop == "time budget",
+  # `step` counts from the start of training, across resumptions; `run_steps` only what this run did.
+  summary: Dict[str, Any] = dict(step=step, run_steps=steps_done, total_steps=total_steps,
+                                 epochs=step / steps_per_epoch, preempted=stop == "preempted",
+                                 stopped_by_time_budget=stop == "time budget",
                                  skipped_steps=int(parallel.local_value(state.skipped)))
   if stop == "preempted":
     summary.update(wall_time_s=time.time() - wall_start)

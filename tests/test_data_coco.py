@@ -177,6 +177,7 @@ def write(tmp_path, raw):
 @pytest.mark.parametrize("edit, words", [
     (lambda a: a.update(keypoints=a["keypoints"][:-3]), ["'keypoints'", "48 values", "expected 51"]),
     (lambda a: a.update(bbox=[1.0, 2.0, 0.0, 40.0]), ["'bbox'", "zero area"]),
+    (lambda a: (a.pop("area"), a.update(bbox=[1.0, 2.0, 25.0, 0.0])), ["'bbox'", "zero area"]),   # CrowdPose-style
     (lambda a: a.pop("bbox"), ["'bbox'"]),
     (lambda a: a.update(keypoints=["x"] * 51), ["'keypoints'"]),
     (lambda a: a.pop("image_id"), ["missing image_id"]),
@@ -209,7 +210,7 @@ def test_missing_image_file(config, sample_copy):
   skipping.skip_bad_records = True
   report = coco.SkipReport("test", True)
   records = coco.load_coco_records(path, str(tmp_path), skipping, train=True, report=report)
-  assert report.count == 1 and len(records) == 12 - 5
+  assert report.count == 5 and report.reasons == {"missing image": 5} and len(records) == 12 - 5   # per person
 
 
 def test_bad_detection(config, tmp_path):

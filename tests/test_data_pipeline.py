@@ -163,6 +163,20 @@ def test_unreadable_image_is_an_error(broken_copy):
     take(iter(loader(broken_copy, records)), 6)
 
 
+def test_unreadable_image_in_training_or_evaluation_says_how_to_skip_it(broken_copy):
+  records = topdown.load_records(broken_copy, "train")
+  hint = r"197388.jpg: cannot decode the image .*image_id 197388\) \(set config.data.skip_bad_records=True"
+  for workers in (0, 1):     # raised in this process, or in a worker and passed on
+    it = iter(loader(broken_copy, records, workers=workers))
+    try:
+      with pytest.raises(BadRecordError, match=hint):
+        take(it, 6)
+    finally:
+      it.close()
+  with pytest.raises(BadRecordError, match=hint):
+    list(topdown.eval_batches(broken_copy, records, 4, num_threads=0))
+
+
 def test_unreadable_image_skips_are_counted_and_logged(broken_copy, caplog):
   broken_copy.data.skip_bad_records = True
   broken_copy.data.chunk_size = BATCH
@@ -239,6 +253,11 @@ def test_shared_slots_are_reused_only_when_released():
     shared_slots.views(buffer, arrays)["a"][:] = 7.0
     received = shared_slots.views(reader.buffer(first), arrays)
     np.testing.assert_array_equal(received["a"], np.full((2, 3), 7.0))
+    # Once mapped by the reader, slot and control have no name left to leak, and both sides still share them.
+    assert not os.path.exists(os.path.join("/dev/shm", first["name"]))
+    assert not os.path.exists(os.path.join("/dev/shm", first["control"]))
+    shared_slots.views(buffer, arrays)["b"][:] = 3
+    np.testing.assert_array_equal(received["b"], np.full(5, 3))
     row = received["a"][1].view(np.ndarray)        # a view handed on, as batches are
     del received
     gc.collect()
@@ -250,7 +269,7 @@ def test_shared_slots_are_reused_only_when_released():
     again, _ = pool.acquire()
     assert again["index"] == first["index"] and again["name"] == first["name"]
   finally:
-    reader.unlink_all()
+    shared_slots.SlotPool._unlink(pool.control, pool.slots)   # pylint: disable=protected-access
   local = shared_slots.LocalSlots(64, max_slots=1)
   held = local.buffer()[8:16].view(np.float32)
   assert local.flags[0] == 1 and local.buffer().shape == (64,)    # full: a plain array instead

@@ -378,13 +378,51 @@ def test_mismatched_config_lists_every_offending_key():
   message = str(info.value)
   assert "config 'eeffpose_p2'" in message
   assert "P0 (EfficientNet-B0)" in message and "17 joints" in message and "9,007,292 parameters" in message
-  lines = {line.strip() for line in message.splitlines()}
-  assert f"shape mismatches ({len(wrong_shape)}):" in lines
-  assert f"missing variables ({len(missing)}):" in lines
-  assert (f"unexpected keys ({len(unexpected)}):" in lines) == bool(unexpected)
-  listed = {line.split(" ")[0].rstrip(":") for line in lines}
+  assert "It fits the model of configs/eeffpose_p0.py." in message
+  # The message counts each kind and shows a few; the file it names lists every one.
+  with open(info.value.keys_file, encoding="utf-8") as f:
+    every = f.read()
+  os.remove(info.value.keys_file)
+  assert f"Every key: {info.value.keys_file}" in message and len(message.splitlines()) < 30
+  for text in (message, every):
+    lines = {line.strip() for line in text.splitlines()}
+    assert f"shape mismatches ({len(wrong_shape)}):" in lines
+    assert f"missing variables ({len(missing)}):" in lines
+    assert (f"unexpected keys ({len(unexpected)}):" in lines) == bool(unexpected)
+  listed = {line.strip().split(" ")[0].rstrip(":") for line in every.splitlines()}
   absent = [k for k in wrong_shape + unexpected + missing if k not in listed]
   assert absent == []
+
+
+def test_checkpoint_of_another_family_is_told_briefly_with_every_key_in_a_file():
+  # A DEM HRNet-W32 checkpoint (the original's keys and shapes) given to the EEffPose-P0 config.
+  state_dict = {}
+  with open(shared_path("spec", "dem_w32_512_state_dict.tsv")) as f:
+    for line in f:
+      key, shape = line.rstrip("\n").split("\t")
+      if not key.endswith("num_batches_tracked"):
+        state_dict[key] = np.zeros([int(n) for n in shape.split("x")], np.float32)
+  p0 = dict(_flax_entry(k, s) for k, s in _read_tsv("eeffpose_p0_state_dict.tsv"))
+  placed = {loc for key, v in state_dict.items() for loc, shape in [_flax_entry(key, v.shape)] if p0.get(loc) == shape}
+  unexpected = [k for k, v in state_dict.items() if _flax_entry(k, v.shape)[0] not in p0]
+  missing = [loc for loc in p0 if loc not in placed]
+  with pytest.raises(convert.CheckpointMismatchError) as info:
+    convert.variables_from_state_dict(state_dict, _config(), source="dem_w32_coco.pth")
+  message = str(info.value)
+  with open(info.value.keys_file, encoding="utf-8") as f:
+    every = f.read()
+  os.remove(info.value.keys_file)
+  assert len(message.splitlines()) < 30, message
+  assert "dem_w32_coco.pth does not fit the model built by config 'eeffpose_p0'" in message
+  assert "DEM (double embedding), HRNet-W32, 17 joints + centre" in message
+  assert "It fits the model of configs/dem_w32_coco.py." in message
+  assert f"unexpected keys ({len(unexpected)}):" in message and f"missing variables ({len(missing)}):" in message
+  assert f"... and {len(unexpected) - 5} more" in message
+  shown = [line.strip().split(" ")[0] for line in message.split("unexpected keys")[1].splitlines()[1:6]]
+  assert shown == unexpected[:5]
+  assert f"Every key: {info.value.keys_file}" in message
+  listed = {line.strip().split(" ")[0] for line in every.splitlines()}
+  assert set(unexpected) <= listed and {"/".join(loc) for loc in missing} <= listed
 
 
 def test_damaged_checkpoint_lists_every_offending_key(raw_state_dict, tmp_path):

@@ -8,6 +8,7 @@ the same global batches. Test hooks in the data: a NaN image at a chosen batch, 
 chosen batch is produced.
 """
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -407,7 +408,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_uninterrupted_run_reports(uninterrupted):
   summary, workdir = uninterrupted["summary"], uninterrupted["workdir"]
-  assert summary["step"] == summary["total_steps"] == 4 * 4
+  assert summary["step"] == summary["total_steps"] == summary["run_steps"] == 4 * 4
   assert not summary["preempted"] and summary["skipped_steps"] == 0
   with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
     written = json.load(f)
@@ -439,13 +440,14 @@ def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
   first = train.train_and_evaluate(config, workdir)
   assert first["preempted"]
   stopped = first["step"]
-  assert 6 <= stopped < 16 and stopped % 4 != 0, first
+  assert 6 <= stopped < 16 and stopped % 4 != 0 and first["run_steps"] == stopped, first
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert ckpt.latest_step() == stopped
   ckpt.close()
   config.toy.sigterm_at_batch = -1
   second = train.train_and_evaluate(config, workdir)
   assert not second["preempted"] and second["step"] == 16 and second["steps_this_run"] == 16 - stopped
+  assert second["run_steps"] == 16 - stopped    # the total and what this run did, for the final line
   state, meta, _ = final_state(workdir, config)
   reference = uninterrupted["state"]
   assert tree_equal(state.params, reference.params), "resumed parameters differ from the uninterrupted run"
@@ -484,6 +486,30 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
   assert meta["note"] == "complete"
   ckpt.close()
   assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(directory)), "temporary directories not cleaned"
+
+
+def test_checkpoints_without_an_evaluation_save_quietly_and_never_count_as_best(tmp_path, caplog):
+  state = {"w": jnp.arange(4.0)}
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory, keep=1, best_metric="AP", asynchronous=False)
+  with caplog.at_level(logging.WARNING):
+    ckpt.save(1, state, {}, metrics={"AP": 0.5})
+    ckpt.save(2, state, {})
+    assert ckpt.best_step() == 1
+    ckpt.save(3, state, {}, metrics={"AP": 0.2})
+    ckpt.save(4, state, {})
+  ckpt.close()
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not [m for m in warnings if "metrics" in m], warnings
+  # Kept: the latest (keep=1) and the best by AP; steps 2 and 3 are neither.
+  again = checkpointing.Checkpointer(directory, keep=1, best_metric="AP", read_only=True)
+  assert again.valid_steps() == [1, 4] and again.best_step() == 1
+  # With no evaluated checkpoint at all, "best" is the latest one.
+  only = checkpointing.Checkpointer(str(tmp_path / "other"), keep=2, best_metric="AP", asynchronous=False)
+  only.save(1, state, {})
+  only.save(2, state, {})
+  assert only.best_step() == 2
+  only.close()
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
