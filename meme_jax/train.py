@@ -596,8 +596,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     for hook in hooks:
       reporting.end_profile(hook)
 
-  # `step` counts from the start of training, across resumptions; `run_steps` only what this run did.
-  summary: Dict[str, Any] = dict(step=step, run_steps=steps_done, total_steps=total_steps,
+  # `step` counts from the start of training, across resumptions; `steps_this_run` only what this run did.
+  summary: Dict[str, Any] = dict(step=step, steps_this_run=steps_done, total_steps=total_steps,
                                  epochs=step / steps_per_epoch, preempted=stop == "preempted",
                                  stopped_by_time_budget=stop == "time budget",
                                  skipped_steps=int(parallel.local_value(state.skipped)))
@@ -616,7 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   summary.update(
       metric=task.metric_name, stats=stats, best_metric=info.best_metric, best_step=info.best_step,
       baseline_stats=baseline, wall_time_s=time.time() - wall_start, init_s=init_s, compile_s=compile_s,
-      baseline_s=baseline_s, steps_this_run=steps_done,
+      baseline_s=baseline_s,
       steps_per_s=steps_done / train_s if train_s > 0 else None,
       images_per_s=steps_done * int(train_cfg.batch_size) / train_s if train_s > 0 else None,
       devices=jax.device_count(), processes=jax.process_count(), platform=jax.devices()[0].platform,

@@ -408,7 +408,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_uninterrupted_run_reports(uninterrupted):
   summary, workdir = uninterrupted["summary"], uninterrupted["workdir"]
-  assert summary["step"] == summary["total_steps"] == summary["run_steps"] == 4 * 4
+  assert summary["step"] == summary["total_steps"] == summary["steps_this_run"] == 4 * 4
   assert not summary["preempted"] and summary["skipped_steps"] == 0
   with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
     written = json.load(f)
@@ -440,14 +440,13 @@ def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
   first = train.train_and_evaluate(config, workdir)
   assert first["preempted"]
   stopped = first["step"]
-  assert 6 <= stopped < 16 and stopped % 4 != 0 and first["run_steps"] == stopped, first
+  assert 6 <= stopped < 16 and stopped % 4 != 0 and first["steps_this_run"] == stopped, first
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert ckpt.latest_step() == stopped
   ckpt.close()
   config.toy.sigterm_at_batch = -1
   second = train.train_and_evaluate(config, workdir)
   assert not second["preempted"] and second["step"] == 16 and second["steps_this_run"] == 16 - stopped
-  assert second["run_steps"] == 16 - stopped    # the total and what this run did, for the final line
   state, meta, _ = final_state(workdir, config)
   reference = uninterrupted["state"]
   assert tree_equal(state.params, reference.params), "resumed parameters differ from the uninterrupted run"
