@@ -7,7 +7,7 @@ it computed in float64 (reference/dem_tiny_coco), and torch itself for resizing 
 import functools
 import io
 import lzma
-import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -25,6 +25,12 @@ from conftest import shared_path
 TINY = "configs/dem_w32_coco.py:tiny"
 OUTPUT_NAMES = ("off_quarter", "off_half", "ae_quarter", "hm_half")
 HEAD_PREFIXES = ("stem1.", "stem2.", "final_layers_", "deconv_layers_")
+
+
+@pytest.fixture(autouse=True)
+def _mismatch_key_files_in_tmp_path(tmp_path, monkeypatch):
+  """Checkpoint-mismatch errors write their key lists to the temporary directory: this test's, not the system's."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _flatten(tree, prefix=()):
@@ -208,7 +214,6 @@ def test_mismatched_checkpoint_lists_keys(tiny_checkpoint):
   message = str(info.value)
   with open(info.value.keys_file, encoding="utf-8") as f:
     every = f.read()
-  os.remove(info.value.keys_file)
   assert tiny_checkpoint in message and "No config in configs/ builds exactly this model." in message
   assert "transition1.0.0.weight" in message                     # shape mismatch (8 vs 32 channels)
   assert "params/stage3_3/branches_0_0/conv1/kernel" in every     # missing: the tiny model has 1 stage-3 module

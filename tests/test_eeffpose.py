@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,12 @@ ABLATIONS = {
     "110": dict(backbone="eeffnet", neck="tfneck", head="sum"),
     "111": dict(backbone="eeffnet", neck="tfneck", head="attention"),
 }
+
+
+@pytest.fixture(autouse=True)
+def _mismatch_key_files_in_tmp_path(tmp_path, monkeypatch):
+  """Checkpoint-mismatch errors write their key lists to the temporary directory: this test's, not the system's."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _config(spec=P0, **model):
@@ -382,7 +389,6 @@ def test_mismatched_config_lists_every_offending_key():
   # The message counts each kind and shows a few; the file it names lists every one.
   with open(info.value.keys_file, encoding="utf-8") as f:
     every = f.read()
-  os.remove(info.value.keys_file)
   assert f"Every key: {info.value.keys_file}" in message and len(message.splitlines()) < 30
   for text in (message, every):
     lines = {line.strip() for line in text.splitlines()}
@@ -411,7 +417,6 @@ def test_checkpoint_of_another_family_is_told_briefly_with_every_key_in_a_file()
   message = str(info.value)
   with open(info.value.keys_file, encoding="utf-8") as f:
     every = f.read()
-  os.remove(info.value.keys_file)
   assert len(message.splitlines()) < 30, message
   assert "dem_w32_coco.pth does not fit the model built by config 'eeffpose_p0'" in message
   assert "DEM (double embedding), HRNet-W32, 17 joints + centre" in message
