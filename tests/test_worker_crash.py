@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, shared_path
+from conftest import REPO_ROOT, shared_path
 
 SCRIPT = textwrap.dedent("""
     import sys, time
