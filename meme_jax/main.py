@@ -25,6 +25,7 @@ processes as two hosts:
 """
 import json
 import logging as std_logging
+import multiprocessing.util
 import os
 import sys
 
@@ -131,6 +132,9 @@ def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> Non
   """
   if traceback:
     logging.exception("the run failed")
+  # What the interpreter's exit would do for multiprocessing (release the input pipeline's semaphores, so that
+  # the resource tracker has nothing to warn about after the error line), without waiting for other threads.
+  multiprocessing.util._exit_function()  # pylint: disable=protected-access
   logging.flush()
   sys.stdout.flush()
   message = f"{type(error).__name__}: {error}" if traceback else str(error)
@@ -138,6 +142,10 @@ def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> Non
   if len(lines) > 1:
     print("\n".join(lines[1:]), file=sys.stderr)
   print(f"error: {lines[0]}", file=sys.stderr, flush=True)
+  # Nothing of this process may print after the error line (a thread still compiling, say).
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
   os._exit(code)  # pylint: disable=protected-access
 
 

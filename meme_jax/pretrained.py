@@ -1,7 +1,8 @@
 """Backbone initialisation from the public PyTorch weights the original trainings started from.
 
-`init_from_config(config, variables)` is what the trainer calls: it applies `config.init.backbone` (and, for
-EEffPose, `config.init.backbone_copies`) for the config's model family, over freshly initialised variables.
+`backbone_variables(config)` reads the files that `config.init.backbone` (and, for EEffPose,
+`config.init.backbone_copies`) name and returns the variables they provide for the config's model family;
+`init_from_config(config, variables)` merges them over freshly initialised variables.
 
 EEffPose.
 
@@ -165,20 +166,27 @@ def pretrained_state_dict(config, backbone_path: str = "", copies_path: str = ""
   return out
 
 
-def init_pretrained(variables: Mapping[str, Any], config) -> Dict[str, Any]:
-  """Applies `config.init.backbone` (EfficientDet-AP .pth) and `config.init.backbone_copies` (timm ImageNet .pth).
-
-  Returns `variables` with the covered leaves replaced (unchanged, as a plain dict, when neither is set).
-  """
+def _init_paths(config) -> Tuple[str, str]:
   init = config.get("init", None)
-  backbone_path = (init.get("backbone", "") if init is not None else "") or ""
-  copies_path = (init.get("backbone_copies", "") if init is not None else "") or ""
+  if init is None:
+    return "", ""
+  return (init.get("backbone", "") or ""), (init.get("backbone_copies", "") or "")
+
+
+def eeffpose_backbone_variables(config) -> Dict[str, Any]:
+  """The variables that `config.init.backbone` (EfficientDet-AP .pth) and `config.init.backbone_copies` (timm
+  ImageNet .pth) provide ({} when neither is set)."""
+  backbone_path, copies_path = _init_paths(config)
   if not backbone_path and not copies_path:
-    return {k: v for k, v in variables.items()}
+    return {}
   state_dict = pretrained_state_dict(config, backbone_path, copies_path)
   source = " + ".join(p for p in (copies_path, backbone_path) if p)
-  update = convert.variables_from_state_dict(state_dict, config, strict=False, source=source)
-  return convert.merge_variables(variables, update)
+  return convert.variables_from_state_dict(state_dict, config, strict=False, source=source)
+
+
+def init_pretrained(variables: Mapping[str, Any], config) -> Dict[str, Any]:
+  """`variables` with the leaves that EEffPose's backbone files cover replaced (see `eeffpose_backbone_variables`)."""
+  return convert.merge_variables(variables, eeffpose_backbone_variables(config))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,27 +231,29 @@ def backbone_variables_from_torch(path: str, config) -> Dict[str, Any]:
   return convert.variables_from_state_dict(subset, config, strict=False, source=path)
 
 
-
-def init_hrnet_backbone(variables: Mapping[str, Any], config) -> Dict[str, Any]:
-  """Applies `config.init.backbone` (an ImageNet HRNet .pth) to DEM's backbone variables."""
-  init = config.get("init", None)
-  if init is not None and init.get("backbone_copies", ""):
-    raise ValueError(f"config.init.backbone_copies={init.backbone_copies!r}: only EEffPose has copied backbone "
-                     f"branches; a DEM backbone comes from config.init.backbone alone")
-  path = (init.get("backbone", "") if init is not None else "") or ""
-  if not path:
-    return {k: v for k, v in variables.items()}
-  return convert.merge_variables(variables, backbone_variables_from_torch(path, config))
+def dem_backbone_variables(config) -> Dict[str, Any]:
+  """The variables that `config.init.backbone` (an ImageNet HRNet .pth) provides to DEM ({} when it is not set)."""
+  backbone_path, copies_path = _init_paths(config)
+  if copies_path:
+    raise ValueError(f"config.init.backbone_copies={copies_path!r}: only EEffPose has copied backbone branches; a "
+                     f"DEM backbone comes from config.init.backbone alone")
+  return backbone_variables_from_torch(backbone_path, config) if backbone_path else {}
 
 
 # What `config.init.backbone` means for each model family (`config.model.name`).
-_FAMILY_INIT = {"eeffpose": init_pretrained, "dem": init_hrnet_backbone}
+_FAMILY_BACKBONE = {"eeffpose": eeffpose_backbone_variables, "dem": dem_backbone_variables}
+
+
+def backbone_variables(config) -> Dict[str, Any]:
+  """Reads the backbone files that `config.init` names and returns the variables they provide for the config's
+  model family ({'params': ..., 'batch_stats': ...}, only the covered leaves; {} when none is named)."""
+  name = config.model.get("name", "eeffpose")
+  if name not in _FAMILY_BACKBONE:
+    raise ValueError(f"config.init.backbone: no backbone initialisation for config.model.name={name!r} "
+                     f"(known: {', '.join(sorted(_FAMILY_BACKBONE))})")
+  return _FAMILY_BACKBONE[name](config)
 
 
 def init_from_config(config, variables: Mapping[str, Any]) -> Dict[str, Any]:
   """`variables` with the backbone weights that `config.init` names loaded over them (the config's family)."""
-  name = config.model.get("name", "eeffpose")
-  if name not in _FAMILY_INIT:
-    raise ValueError(f"config.init.backbone: no backbone initialisation for config.model.name={name!r} "
-                     f"(known: {', '.join(sorted(_FAMILY_INIT))})")
-  return _FAMILY_INIT[name](variables, config)
+  return convert.merge_variables(variables, backbone_variables(config))

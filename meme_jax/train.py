@@ -33,7 +33,9 @@ import numpy as np
 import optax
 
 from meme_jax import checkpointing
+from meme_jax import convert
 from meme_jax import parallel
+from meme_jax import pretrained
 from meme_jax import reporting
 from meme_jax import schedules
 from meme_jax.losses import heatmap as heatmap_losses
@@ -202,34 +204,34 @@ def input_shape(config) -> Tuple[int, int, int]:
 
 def initial_variables(model: nn.Module, config, rng) -> Dict[str, Any]:
   """Randomly initialised variables (host numpy), then what `config.init` names loaded over them."""
+  # The files come first: a missing or unfit one is reported in seconds, not after the random initialisation.
+  loaded = init_weights(config)
   dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
   init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))
   variables = jax.device_get(init(rng))
   variables = {k: v for k, v in flax.core.unfreeze(variables).items()}
   variables.setdefault("batch_stats", {})
-  return load_init_weights(config, variables)
+  for update in loaded:
+    variables = convert.merge_variables(variables, update)
+  return variables
 
 
-def load_init_weights(config, variables: Dict[str, Any]) -> Dict[str, Any]:
-  """Applies `config.init`: a converted PyTorch checkpoint or an orbax directory, and pretrained backbones."""
+def init_weights(config) -> list:
+  """The variables that `config.init` provides, in the order they apply: a whole model (`init.checkpoint`: an
+  original PyTorch checkpoint or an orbax directory), then backbone weights (`init.backbone`, `backbone_copies`)."""
   init = config.get("init", None)
   if init is None:
-    return variables
-  from meme_jax import convert  # pylint: disable=import-outside-toplevel
+    return []
+  out = []
   path = init.get("checkpoint", "")
   if path:
-    if os.path.isdir(path):
-      loaded = convert.load_variables(path)
-    else:
-      loaded = convert.from_torch(path, config)
-    variables = convert.merge_variables(variables, loaded)
-    logging.info("Initialised from %s", path)
+    out.append(convert.load_variables(path) if os.path.isdir(path) else convert.from_torch(path, config))
+    logging.info("Initialising from %s", path)
   if init.get("backbone", "") or init.get("backbone_copies", ""):
-    from meme_jax import pretrained  # pylint: disable=import-outside-toplevel
-    variables = pretrained.init_from_config(config, variables)
-    logging.info("Initialised the backbone from %s",
+    out.append(pretrained.backbone_variables(config))
+    logging.info("Initialising the backbone from %s",
                  " + ".join(p for p in (init.get("backbone_copies", ""), init.get("backbone", "")) if p))
-  return variables
+  return out
 
 
 def create_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, rng, mesh) -> TrainState:
@@ -401,14 +403,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   wall_start = time.time()
   task = get_task(config)
   task.check_data()
-  train_cfg = config.train
   mesh = parallel.make_mesh()
-  is_main = jax.process_index() == 0
-  if is_main:
+  if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
   writer, tensorboard = reporting.create_writers(workdir)
+  try:
+    return _train(config, workdir, task, mesh, writer, tensorboard, wall_start)
+  except BaseException:
+    # The events written so far reach the disk, and no writer thread is left behind when the run ends.
+    writer.close()
+    raise
+
+
+def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_start: float) -> Dict[str, Any]:
+  """The body of `train_and_evaluate`, once the workdir and the writers exist."""
+  train_cfg = config.train
+  is_main = jax.process_index() == 0
   if tensorboard is not None:
     tensorboard.write_hparams(_flat_config(config))
   logging.info("Devices: %d (%d local) of %s on %d process(es)", jax.device_count(), jax.local_device_count(),

@@ -199,14 +199,14 @@ def test_udp_round_trip_is_exact_in_the_interior():
 
 def test_udp_warp_maps_box_edges_to_pixel_centres_and_back_projection_inverts_it():
   center, scale = np.array([300.0, 200.0]), np.array([1.2, 1.6])
-  m = decoding.udp_warp_matrix(center, scale, 0.0, (48, 64))
+  m = affine.udp_warp_matrix(center, scale, 0.0, (48, 64))
   corners = np.array([[300 - 120, 200 - 160], [300 + 120, 200 + 160]])
   np.testing.assert_allclose(affine.apply_affine(corners, m), [[0, 0], [47, 63]], atol=1e-9)
   points = np.array([[[3.5, 7.25], [40.0, 60.0]]])
   image = decoding.heatmap_to_image(points, center[None], scale[None], (48, 64), udp=True)
   np.testing.assert_allclose(affine.apply_affine(image[0], m), points[0], atol=1e-9)
   # The rotation is about the box centre.
-  rotated = decoding.udp_warp_matrix(center, scale, 30.0, (48, 64))
+  rotated = affine.udp_warp_matrix(center, scale, 30.0, (48, 64))
   np.testing.assert_allclose(affine.apply_affine(center[None], rotated), [[23.5, 31.5]], atol=1e-9)
 
 

@@ -20,8 +20,6 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from meme_jax.codecs.affine import udp_warp_matrix  # noqa: F401  (also reachable from here)
-
 POST_PROCESS_CHOICES = ("quarter", "dark", "udp", "none")
 
 
