@@ -149,6 +149,25 @@ def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> Non
   os._exit(code)  # pylint: disable=protected-access
 
 
+def summary_lines(summary, workdir: str):
+  """The last lines of a training run: the headline metric against the baseline, every stat, steps and times."""
+  metric = summary["metric"]
+  line = f"{metric} {summary[metric]:.4f}"
+  baseline_key = f"baseline_{metric}"
+  if summary.get(baseline_key) is not None:
+    base = summary[baseline_key]
+    ratio = summary[metric] / base if base > 0 else float("inf")
+    line += f"  (mean-pose baseline {metric} {base:.4f}; {ratio:.2f}x)"
+  steps = f"{summary['step']} steps"
+  if summary.get("steps_this_run", summary["step"]) != summary["step"]:
+    steps += (f" ({summary['steps_this_run']} in this run, resumed at step "
+              f"{summary['step'] - summary['steps_this_run']})")
+  return [line, _format_stats(summary["stats"]),
+          f"{steps} in {summary['wall_time_s']:.0f}s wall ({summary['compile_s']:.0f}s compile, "
+          f"{summary['train_s']:.0f}s training, {summary['eval_s']:.0f}s evaluation); "
+          f"summary: {os.path.join(workdir, 'summary.json')}"]
+
+
 def _run_mode(config) -> int:
   """Runs --mode; returns the exit status (0, or 143 after a preemption)."""
   # Before anything touches a device.
@@ -188,22 +207,8 @@ def _run_mode(config) -> int:
     _print(f"stopped at step {summary['step']} of {summary['total_steps']} on a preemption request; run the same "
            f"command again to resume from the checkpoint in {workdir}")
     return 143
-  metric = summary["metric"]
-  line = f"{metric} {summary[metric]:.4f}"
-  baseline_key = f"baseline_{metric}"
-  if summary.get(baseline_key) is not None:
-    base = summary[baseline_key]
-    ratio = summary[metric] / base if base > 0 else float("inf")
-    line += f"  (mean-pose baseline {metric} {base:.4f}; {ratio:.2f}x)"
-  _print(line)
-  _print(f"{_format_stats(summary['stats'])}")
-  steps = f"{summary['step']} steps"
-  if summary.get("steps_this_run", summary["step"]) != summary["step"]:
-    steps += (f" ({summary['steps_this_run']} in this run, resumed at step "
-              f"{summary['step'] - summary['steps_this_run']})")
-  _print(f"{steps} in {summary['wall_time_s']:.0f}s wall ({summary['compile_s']:.0f}s compile, "
-         f"{summary['train_s']:.0f}s training, {summary['eval_s']:.0f}s evaluation); "
-         f"summary: {os.path.join(workdir, 'summary.json')}")
+  for line in summary_lines(summary, workdir):
+    _print(line)
   logging.info("summary: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
   return 0
 

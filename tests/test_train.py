@@ -447,6 +447,10 @@ def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
   config.toy.sigterm_at_batch = -1
   second = train.train_and_evaluate(config, workdir)
   assert not second["preempted"] and second["step"] == 16 and second["steps_this_run"] == 16 - stopped
+  # The final line says both: the total and what this run did.
+  from meme_jax import main  # pylint: disable=import-outside-toplevel
+  assert main.summary_lines(second, workdir)[-1].startswith(
+      f"16 steps ({16 - stopped} in this run, resumed at step {stopped}) in "), main.summary_lines(second, workdir)
   state, meta, _ = final_state(workdir, config)
   reference = uninterrupted["state"]
   assert tree_equal(state.params, reference.params), "resumed parameters differ from the uninterrupted run"
