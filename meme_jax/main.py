@@ -25,6 +25,7 @@ processes as two hosts:
 """
 import json
 import logging as std_logging
+import multiprocessing
 import multiprocessing.util
 import os
 import sys
@@ -50,8 +51,9 @@ flags.DEFINE_integer("num_processes", 0, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index.")
 flags.DEFINE_list("local_device_ids", [], "Multi-host: the local devices this process uses (default: all).")
 flags.DEFINE_bool("library_logs", False, "Also show the INFO logs of orbax and grain (checkpoint and data internals).")
-flags.DEFINE_string("compilation_cache_dir", "", "A directory for JAX's persistent compilation cache: a rerun of the "
-                    "same config skips the XLA compilation (minutes on a CPU). Empty: no cache.")
+flags.DEFINE_string("compilation_cache_dir", "", "JAX's persistent compilation cache: a rerun of the same config "
+                    "loads the compiled programs instead of compiling them again (minutes on a CPU). Default: "
+                    "WORKDIR/compilation_cache; 'none' turns it off.")
 
 # INFO logs of these libraries describe every checkpoint file and worker; warnings and errors still show.
 _LIBRARY_PATHS = (os.sep + "orbax" + os.sep, os.sep + "grain" + os.sep)
@@ -94,12 +96,15 @@ def main(argv) -> None:
   _split_host_cpu(int(config.get("train", {}).get("cpu_devices", 0)))
   if not FLAGS.library_logs:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  if FLAGS.compilation_cache_dir:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   if FLAGS.mode != "parameters" and not FLAGS.workdir:
     raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
+  cache_dir = FLAGS.compilation_cache_dir
+  if not cache_dir and FLAGS.workdir:
+    cache_dir = os.path.join(os.path.abspath(FLAGS.workdir), "compilation_cache")
+  if cache_dir and cache_dir.lower() != "none":
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   try:
     code = _run_mode(config)
   except app.UsageError:
@@ -134,6 +139,9 @@ def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> Non
     logging.exception("the run failed")
   # What the interpreter's exit would do for multiprocessing (release the input pipeline's semaphores, so that
   # the resource tracker has nothing to warn about after the error line), without waiting for other threads.
+  # Input workers still alive (an iterator the error left open) are stopped first, since it would wait for them.
+  for child in multiprocessing.active_children():
+    child.terminate()
   multiprocessing.util._exit_function()  # pylint: disable=protected-access
   logging.flush()
   sys.stdout.flush()

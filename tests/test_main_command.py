@@ -9,6 +9,7 @@ import glob
 import importlib.util
 import os
 import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -59,8 +60,9 @@ def cache_dir(tmp_path_factory):
 
 
 def run_main(args, cwd, cache_dir, timeout=900, **popen):
-  """Runs `args` (starting with `python -m meme_jax.main`) with this interpreter; returns the CompletedProcess."""
-  cmd = [sys.executable] + list(args[1:]) + [f"--compilation_cache_dir={cache_dir}"]
+  """Runs `args` (starting with `python -m meme_jax.main`) with this interpreter; returns the CompletedProcess.
+  `cache_dir`: the persistent compilation cache to use (None: the default, in the workdir)."""
+  cmd = [sys.executable] + list(args[1:]) + ([f"--compilation_cache_dir={cache_dir}"] if cache_dir else [])
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
   return subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout, env=env, **popen)
 
@@ -112,8 +114,13 @@ def command_line(pid):
 def test_readme_main_command_writes_summary_pictures_and_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / "workdir"
   args = with_workdir(readme_main_command(), workdir) + list(SHORT)
-  proc = run_main(args, tmp_path, cache_dir)
+  proc = run_main(args, tmp_path, None)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  # The compiled train step went to the persistent cache in the workdir (on by default); the other tests of this
+  # module start from a copy of it.
+  cached = os.listdir(workdir / "compilation_cache")
+  assert any(name.startswith("jit_step-") for name in cached), cached
+  shutil.copytree(workdir / "compilation_cache", cache_dir, dirs_exist_ok=True)
   # The AP line with the baseline, the stats, then the timing line naming the summary.
   lines = proc.stdout.strip().splitlines()
   assert lines[-3].startswith("AP ") and "mean-pose baseline AP" in lines[-3], proc.stdout[-2000:]
