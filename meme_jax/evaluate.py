@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from meme_jax import parallel
-from meme_jax.codecs import decoding
 from meme_jax.codecs import affine
+from meme_jax.codecs import decoding
 from meme_jax.codecs.heatmap import MSRAHeatmap
 from meme_jax.codecs.heatmap import codec_from_config as data_codec
 from meme_jax.metrics import coco as coco_metric
