@@ -1,8 +1,8 @@
 """Backbone initialisation from the public PyTorch weights the original trainings started from.
 
 `backbone_variables(config)` reads the files that `config.init.backbone` (and, for EEffPose,
-`config.init.backbone_copies`) name and returns the variables they provide for the config's model family;
-`init_from_config(config, variables)` merges them over freshly initialised variables.
+`config.init.backbone_copies`) name and returns the variables they provide for the config's model family; the
+trainer merges them over freshly initialised variables.
 
 EEffPose.
 
@@ -252,8 +252,3 @@ def backbone_variables(config) -> Dict[str, Any]:
     raise ValueError(f"config.init.backbone: no backbone initialisation for config.model.name={name!r} "
                      f"(known: {', '.join(sorted(_FAMILY_BACKBONE))})")
   return _FAMILY_BACKBONE[name](config)
-
-
-def init_from_config(config, variables: Mapping[str, Any]) -> Dict[str, Any]:
-  """`variables` with the backbone weights that `config.init` names loaded over them (the config's family)."""
-  return convert.merge_variables(variables, backbone_variables(config))
