@@ -16,6 +16,7 @@ the record is skipped, counted in a `SkipReport` and logged.
 import collections
 import dataclasses
 import math
+import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from absl import logging
@@ -26,6 +27,24 @@ from meme_jax.codecs import affine
 
 class BadRecordError(ValueError):
   """A record that cannot be used. The message names the file, the record and the field."""
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The dataset a config names is not on disk; the message says where to put it."""
+
+
+def check_data_files(data_config) -> None:
+  """Raises `DataNotFoundError` naming every missing annotation file or image directory of `data_config`."""
+  if data_config.dataset == "synthetic" or data_config.get("tfds_name", ""):
+    return
+  missing = [p for p in (data_config.train_annotations, data_config.val_annotations, data_config.train_images,
+                         data_config.val_images) if not os.path.exists(p)]
+  if missing:
+    raise DataNotFoundError(
+        f"{data_config.dataset} data not found: missing {', '.join(missing)} (relative to {os.getcwd()}). Put the "
+        f"dataset there (COCO 2017: images/train2017, images/val2017 and annotations/person_keypoints_*2017.json "
+        f"under {data_config.root}; or set --config.data.root and the paths), or train on the built-in synthetic "
+        f"data: python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic --workdir DIR")
 
 
 def skip_bad_records(data_config) -> bool:

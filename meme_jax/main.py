@@ -120,11 +120,10 @@ def main(argv) -> None:
 
 def _input_errors() -> tuple:
   """The exception classes that are a problem of the user's input, each with a message that says what to do."""
-  # Imported here, not at the top: `train` imports jax, whose flags `_split_host_cpu` must set first.
+  # Imported here, not at the top: these modules import jax, whose flags `_split_host_cpu` must set first.
   from data_pipelines import records  # pylint: disable=import-outside-toplevel
   from meme_jax import convert  # pylint: disable=import-outside-toplevel
-  from meme_jax import train  # pylint: disable=import-outside-toplevel
-  return (train.DataNotFoundError, records.BadRecordError, convert.CheckpointMismatchError)
+  return (records.DataNotFoundError, records.BadRecordError, convert.CheckpointMismatchError)
 
 
 def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> None:
@@ -178,16 +177,19 @@ def summary_lines(summary, workdir: str):
 
 def _run_mode(config) -> int:
   """Runs --mode; returns the exit status (0, or 143 after a preemption)."""
-  # Before anything touches a device.
+  # Imported here, not at the top, for the same reason as in `_input_errors`; distributed initialisation must
+  # come before anything touches a device.
+  import jax  # pylint: disable=import-outside-toplevel
+  from meme_jax import evaluate  # pylint: disable=import-outside-toplevel
   from meme_jax import parallel  # pylint: disable=import-outside-toplevel
+  from meme_jax import reporting  # pylint: disable=import-outside-toplevel
+  from meme_jax import tasks  # pylint: disable=import-outside-toplevel
+  from meme_jax import train  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   [int(i) for i in FLAGS.local_device_ids])
-  from meme_jax import train  # pylint: disable=import-outside-toplevel
 
   if FLAGS.mode == "parameters":
-    from meme_jax import reporting  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
-    task = train.get_task(config)
+    task = tasks.get_task(config)
     model = task.build_model(config)
     variables = jax.eval_shape(lambda: model.init(
         {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
@@ -197,7 +199,7 @@ def _run_mode(config) -> int:
 
   workdir = os.path.abspath(FLAGS.workdir)
   if FLAGS.mode == "baseline":
-    task = train.get_task(config)
+    task = tasks.get_task(config)
     stats = task.baseline(workdir)
     if stats is None:
       raise app.UsageError(f"config.model.name={config.model.name!r} has no baseline")
@@ -205,7 +207,7 @@ def _run_mode(config) -> int:
     return 0
 
   if FLAGS.mode == "evaluate":
-    result = train.evaluate_run(config, workdir, FLAGS.checkpoint)
+    result = evaluate.evaluate_run(config, workdir, FLAGS.checkpoint)
     where = f"step {result['step']}" if result["step"] is not None else config.init.checkpoint
     _print(f"{result['metric']} {result[result['metric']]:.4f} ({where}); {_format_stats(result['stats'])}")
     return 0

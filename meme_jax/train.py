@@ -1,10 +1,7 @@
-"""The trainer: initialise or resume, the sharded train step, the epoch loop, evaluation, checkpoints and reports.
+"""The trainer: the train state, the sharded train step, and the loop that trains, evaluates and checkpoints.
 
-One loop serves every model family. What differs between families (the data loader, the loss and train metrics,
-the evaluation and its headline metric, the baseline) lives in a small `Task` object chosen by
-`config.model.name` (`TASKS`); the top-down EEffPose task is `TopDownTask`. A bottom-up task (DEM) implements the
-same methods with its own batch keys, `meme_jax.losses.dem` and the bottom-up evaluator, and registers itself with
-`register_task('dem', ...)`; the loop below does not change.
+One loop serves every model family; what differs (the data loader, the loss and train metrics, the evaluation and
+its headline metric, the baseline) comes from the config's task (`meme_jax.tasks`).
 
 Parallelism: one 1-D mesh over every device of every process; the train step is `jax.jit`ted with the batch
 sharded along 'data' and the state replicated (NamedSharding, no pmap), and the state is donated. Each process
@@ -25,6 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from absl import logging
 import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +36,9 @@ from meme_jax import parallel
 from meme_jax import pretrained
 from meme_jax import reporting
 from meme_jax import schedules
-from meme_jax.losses import heatmap as heatmap_losses
+from meme_jax import visualize
+from meme_jax.tasks import Task
+from meme_jax.tasks import get_task
 
 
 @flax.struct.dataclass
@@ -51,138 +51,12 @@ class TrainState:
   skipped: jnp.ndarray       # int32: steps whose loss or gradient was not finite (not applied)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tasks: what a model family brings to the loop.
-
-
-class DataNotFoundError(FileNotFoundError):
-  """The dataset a config names is not on disk; the message says where to put it."""
-
-
-class Task:
-  """The family-specific parts of training. Subclasses set the class attributes and implement the methods."""
-  input_key: str = "image"                    # the batch entry the model takes
-  batch_keys: Tuple[str, ...] = ("image",)    # the batch entries the train step receives
-  metrics_class: Any = None                   # clu Collection built by `loss_and_metrics`
-  metric_name: str = "AP"                     # validation indicator, higher is better (best checkpoint, plateau)
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-
-  def build_model(self, config: ml_collections.ConfigDict) -> nn.Module:
-    from meme_jax import models  # pylint: disable=import-outside-toplevel
-    return models.build_model(config)
-
-  def check_data(self) -> None:
-    """Raises a clear error when the dataset is missing."""
-
-  def train_loader(self, *, seed: int, shard_index: int, shard_count: int, batch_size_per_process: int,
-                   num_workers: int):
-    """An iterable of host-local batches whose iterator has get_state()/set_state()."""
-    raise NotImplementedError
-
-  def steps_per_epoch(self, loader) -> int:
-    return int(loader.steps_per_epoch)
-
-  def loss_and_metrics(self, outputs, batch) -> Tuple[jnp.ndarray, Any]:
-    """(scalar loss, `metrics_class` instance) of one (micro-)batch; runs inside the jitted step."""
-    raise NotImplementedError
-
-  def evaluate(self, apply_fn: Callable, variables: Any, *, workdir: Optional[str],
-               num_images: int = 0) -> Tuple[Dict[str, float], list]:
-    """(stats by name, up to `num_images` RGB uint8 images with predictions drawn)."""
-    raise NotImplementedError
-
-  def baseline(self, workdir: Optional[str]) -> Optional[Dict[str, float]]:
-    """Stats of a trivial predictor evaluated the same way, or None."""
-    return None
-
-
-class TopDownTask(Task):
-  """Top-down heatmap models (EEffPose): JointsMSELoss, heatmap accuracy, COCO AP / MPII PCKh on GT boxes."""
-  input_key = "image"
-  batch_keys = ("image", "heatmaps", "target_weight")
-  metrics_class = reporting.TopDownMetrics
-
-  def __init__(self, config):
-    super().__init__(config)
-    self.metric_name = "Mean" if config.data.format == "mpii" else "AP"
-    self._records = None
-    self._predictor = None        # the jitted evaluation, compiled once and reused with new variables
-    self._predictor_fn = None
-
-  def check_data(self) -> None:
-    data = self.config.data
-    if data.dataset == "synthetic" or data.get("tfds_name", ""):
-      return
-    missing = [p for p in (data.train_annotations, data.val_annotations, data.train_images, data.val_images)
-               if not os.path.exists(p)]
-    if missing:
-      raise DataNotFoundError(
-          f"{data.dataset} data not found: missing {', '.join(missing)} (relative to {os.getcwd()}). Put the "
-          f"dataset there (COCO 2017: images/train2017, images/val2017 and annotations/person_keypoints_*2017.json "
-          f"under {data.root}; or set --config.data.root and the paths), or train on the built-in synthetic data: "
-          f"python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic --workdir DIR")
-
-  def train_loader(self, *, seed, shard_index, shard_count, batch_size_per_process, num_workers):
-    from data_pipelines import topdown  # pylint: disable=import-outside-toplevel
-    return topdown.train_loader(self.config, seed=seed, shard_index=shard_index, shard_count=shard_count,
-                                batch_size_per_process=batch_size_per_process, num_workers=num_workers)
-
-  def loss_and_metrics(self, outputs, batch):
-    heatmaps = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-    heatmaps = heatmaps.astype(jnp.float32)
-    loss = heatmap_losses.joints_mse_loss(heatmaps, batch["heatmaps"], batch["target_weight"])
-    metrics = self.metrics_class.single_from_model_output(loss=loss, heatmaps=heatmaps, targets=batch["heatmaps"])
-    return loss, metrics
-
-  def records(self):
-    if self._records is None:
-      from meme_jax import evaluate  # pylint: disable=import-outside-toplevel
-      self._records = evaluate.load_eval_records(self.config)
-    return self._records
-
-  def evaluate(self, apply_fn, variables, *, workdir, num_images=0):
-    from meme_jax import evaluate  # pylint: disable=import-outside-toplevel
-    from meme_jax import visualize  # pylint: disable=import-outside-toplevel
-    if self._predictor is None or self._predictor_fn is not apply_fn:
-      self._predictor = evaluate.TopDownPredictor(self.config, apply_fn, variables)
-      self._predictor_fn = apply_fn
-    else:
-      self._predictor.variables = parallel.replicate_from_host(parallel.local_copy(variables), self._predictor.mesh)
-    result = evaluate.evaluate_topdown(self.config, apply_fn, None, self.records(), workdir=workdir, details=True,
-                                       predictor=self._predictor)
-    images = []
-    if num_images and result.examples:
-      skeleton = visualize.skeleton_for(self.config.data.dataset)
-      images = visualize.draw_examples(result.examples[:num_images], skeleton, max_size=384)
-    return {k: float(v) for k, v in result.stats.items()}, images
-
-  def baseline(self, workdir):
-    if self.config.data.format == "mpii" and not os.path.exists(self.config.data.get("val_gt_mat", "")):
-      return None
-    from meme_jax import baseline  # pylint: disable=import-outside-toplevel
-    return baseline.evaluate_mean_pose(self.config, workdir=workdir, eval_records=self.records())
-
-
-TASKS: Dict[str, Callable[[ml_collections.ConfigDict], Task]] = {"eeffpose": TopDownTask}
-
-
-def register_task(name: str, factory: Callable[[ml_collections.ConfigDict], Task]) -> None:
-  """Makes `config.model.name == name` train with `factory(config)`."""
-  TASKS[name] = factory
-
-
-def get_task(config) -> Task:
-  name = config.model.name
-  if name not in TASKS:
-    raise ValueError(f"no trainer task for config.model.name={name!r} (registered: {sorted(TASKS)}); "
-                     f"a model family registers one with meme_jax.train.register_task")
-  return TASKS[name](config)
+class NonFiniteLossError(FloatingPointError):
+  """A step's loss was NaN or Inf and `config.train.nan_policy` is 'stop'."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model, initial variables and state.
+# The state.
 
 
 def training_config(config) -> ml_collections.ConfigDict:
@@ -200,20 +74,6 @@ def training_config(config) -> ml_collections.ConfigDict:
 def input_shape(config) -> Tuple[int, int, int]:
   width, height = (int(v) for v in config.data.image_size)
   return height, width, 3
-
-
-def initial_variables(model: nn.Module, config, rng) -> Dict[str, Any]:
-  """Randomly initialised variables (host numpy), then what `config.init` names loaded over them."""
-  # The files come first: a missing or unfit one is reported in seconds, not after the random initialisation.
-  loaded = init_weights(config)
-  dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
-  init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))
-  variables = jax.device_get(init(rng))
-  variables = {k: v for k, v in flax.core.unfreeze(variables).items()}
-  variables.setdefault("batch_stats", {})
-  for update in loaded:
-    variables = convert.merge_variables(variables, update)
-  return variables
 
 
 def init_weights(config) -> list:
@@ -234,6 +94,19 @@ def init_weights(config) -> list:
   return out
 
 
+def initial_variables(model: nn.Module, config, rng) -> Dict[str, Any]:
+  """Randomly initialised variables (host numpy), then what `config.init` names loaded over them."""
+  # The files come first: a missing or unfit one is reported in seconds, not after the random initialisation.
+  loaded = init_weights(config)
+  dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
+  init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))
+  variables = dict(flax.core.unfreeze(jax.device_get(init(rng))))
+  variables.setdefault("batch_stats", {})
+  for update in loaded:
+    variables = convert.merge_variables(variables, update)
+  return variables
+
+
 def create_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, rng, mesh) -> TrainState:
   """The initial train state, replicated over the mesh."""
   replicated = parallel.replicated(mesh)
@@ -243,6 +116,24 @@ def create_state(variables: Mapping[str, Any], tx: optax.GradientTransformation,
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                     batch_stats=batch_stats, opt_state=opt_state, rng=jax.device_put(rng, replicated),
                     skipped=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+
+
+def abstract_state(model: nn.Module, config, tx, mesh) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
+
+  def state():
+    key = jax.random.PRNGKey(0)
+    variables = model.init({"params": key, "dropout": key}, jnp.zeros((1,) + input_shape(config)), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=key, skipped=jnp.zeros((), jnp.int32))
+
+  replicated = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(state))
+
+
+def eval_variables(state: TrainState) -> Dict[str, Any]:
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,8 +228,12 @@ def make_apply_fn(model: nn.Module) -> Callable:
   return apply_fn
 
 
-def eval_variables(state: TrainState) -> Dict[str, Any]:
-  return {"params": state.params, "batch_stats": state.batch_stats}
+def batch_spec(task: Task, batch_per_process: int, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the global batch the train step takes, for compiling before the first batch arrives."""
+  sharding = parallel.batch_sharding(mesh)
+  scale = jax.process_count()
+  return {k: jax.ShapeDtypeStruct((shape[0] * scale,) + tuple(shape[1:]), np.dtype(dtype), sharding=sharding)
+          for k, (shape, dtype) in task.batch_shapes(batch_per_process).items() if k in task.batch_keys}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,44 +250,30 @@ class RunInfo:
   last_stats: Optional[Dict[str, float]] = None
   last_stats_step: Optional[int] = None
 
-
-class NonFiniteLossError(FloatingPointError):
-  """A step's loss was NaN or Inf and `config.train.nan_policy` is 'stop'."""
-
-
-def _flat_config(config) -> Dict[str, Any]:
-  out = {}
-
-  def walk(prefix, node):
-    for key, value in node.items():
-      name = f"{prefix}{key}"
-      if isinstance(value, (dict, ml_collections.ConfigDict)):
-        walk(name + ".", value)
-      else:
-        out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-  walk("", config)
-  return out
+  def meta(self, schedule: schedules.EpochSchedule, config, step: int) -> Dict[str, Any]:
+    return dict(step=int(step), epoch=int(step // self.steps_per_epoch), schedule=schedule.state_dict(),
+                steps_per_epoch=self.steps_per_epoch, total_epochs=self.total_epochs,
+                batch_size=int(config.train.batch_size), best_metric=self.best_metric, best_step=self.best_step,
+                last_stats=self.last_stats, last_stats_step=self.last_stats_step, config_name=config.get("name", ""))
 
 
-def _meta(schedule: schedules.EpochSchedule, info: RunInfo, config, step: int) -> Dict[str, Any]:
-  return dict(step=int(step), epoch=int(step // info.steps_per_epoch), schedule=schedule.state_dict(),
-              steps_per_epoch=info.steps_per_epoch, total_epochs=info.total_epochs,
-              batch_size=int(config.train.batch_size), best_metric=info.best_metric, best_step=info.best_step,
-              last_stats=info.last_stats, last_stats_step=info.last_stats_step, config_name=config.get("name", ""))
+class TimeBudget:
+  """`config.train.time_budget_s`: stop training early enough that the final evaluation still fits.
 
+  The reserve is the longest evaluation seen so far (at least `reserve_s`, which also covers its first compile).
+  With several processes the decision is shared, so every process stops at the same step.
+  """
 
-def _check_batch(config, mesh) -> int:
-  """The per-process batch size, after checking the global batch splits over devices and micro-batches."""
-  batch = int(config.train.batch_size)
-  accum = int(config.train.get("grad_accum_steps", 1))
-  devices = mesh.devices.size
-  if accum < 1:
-    raise ValueError(f"config.train.grad_accum_steps={accum}: must be >= 1")
-  if batch % (devices * accum):
-    raise ValueError(f"config.train.batch_size={batch} must be a multiple of devices ({devices}) x "
-                     f"grad_accum_steps ({accum})")
-  return parallel.per_process_batch_size(batch, mesh)
+  def __init__(self, start: float, budget_s: float, reserve_s: float):
+    self.start, self.budget_s, self.reserve_s = start, budget_s, reserve_s
+
+  def reserve_for_evaluation(self, seconds: float) -> None:
+    self.reserve_s = max(self.reserve_s, seconds * 1.1)
+
+  def exhausted(self) -> bool:
+    if self.budget_s <= 0:
+      return False
+    return parallel.any_process(time.time() - self.start + self.reserve_s > self.budget_s)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -422,7 +303,9 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   train_cfg = config.train
   is_main = jax.process_index() == 0
   if tensorboard is not None:
-    tensorboard.write_hparams(_flat_config(config))
+    hparams = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    tensorboard.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                               for k, v in hparams.items()})
   logging.info("Devices: %d (%d local) of %s on %d process(es)", jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform, jax.process_count())
 
@@ -434,7 +317,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
                              num_workers=int(config.data.get("num_workers", 0)))
   steps_per_epoch = int(train_cfg.get("steps_per_epoch", -1))
   if steps_per_epoch <= 0:
-    steps_per_epoch = task.steps_per_epoch(loader)
+    steps_per_epoch = int(loader.steps_per_epoch)
   total_epochs = int(train_cfg.warmup_epochs) + int(train_cfg.num_epochs)
   total_steps = steps_per_epoch * total_epochs
   info = RunInfo(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
@@ -455,8 +338,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   # initialised: on a CPU each takes minutes on one core. Compiling first also shows a shape or sharding error
   # before any data is read, and separates compile time from training time.
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  compiling = pool.submit(_timed, lambda: step_fn.lower(
-      abstract, _batch_spec(loader, task, config, batch_per_process, mesh)).compile())
+  compiling = pool.submit(_timed, lambda: step_fn.lower(abstract, batch_spec(task, batch_per_process, mesh)).compile())
   try:
     t = time.time()
     state = create_state(initial_variables(model, config, init_rng), tx, state_rng, mesh)
@@ -497,11 +379,11 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
 
   apply_fn = make_apply_fn(task.build_model(config))
   step = int(parallel.local_value(state.step))
+  log_every = max(1, int(train_cfg.get("log_every_steps", 50)))
   hooks = []
   if is_main:
-    hooks.append(reporting.periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=int(train_cfg.get("log_every_steps", 50)),
-        every_secs=None))
+    hooks.append(reporting.periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                           every_steps=log_every, every_secs=None))
     profile_steps = int(train_cfg.get("profile_steps", 0))
     if profile_steps > 0:
       hooks.append(reporting.periodic_actions.Profile(
@@ -512,7 +394,6 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
                       float(train_cfg.get("time_budget_reserve_s", 60)))
   eval_every = max(1, int(train_cfg.get("eval_every_epochs", 1)))
   ckpt_every = max(1, int(train_cfg.get("checkpoint_every_epochs", 1)))
-  log_every = max(1, int(train_cfg.get("log_every_steps", 50)))
   num_images = int(config.get("test", {}).get("num_examples", 4)) if is_main else 0
   timing = dict(train_s=0.0, data_wait_s=0.0, eval_s=0.0)
 
@@ -523,13 +404,16 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
     budget.reserve_for_evaluation(time.time() - t)
     writer.write_scalars(step, {_tag(f"val/{k}"): v for k, v in stats.items()})
     if pictures:
-      from meme_jax import visualize  # pylint: disable=import-outside-toplevel
       writer.write_images(step, {"val/predictions": visualize.pad_to_batch(pictures)})
     value = float(stats[task.metric_name])
     info.last_stats, info.last_stats_step = stats, step
     if info.best_metric is None or value >= info.best_metric:
       info.best_metric, info.best_step = value, step
     return value
+
+  def save(value: Optional[float] = None) -> None:
+    ckpt.save(step, state, info.meta(schedule, config, step), data_iter,
+              metrics=None if value is None else {task.metric_name: value})
 
   steps_done = 0
   stop = None          # why the loop ended early: 'preempted' or 'time budget'
@@ -540,8 +424,6 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
       state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
       writer.write_scalars(step, {"learning_rate": lr, "epoch": epoch})
       epoch_end = (epoch + 1) * steps_per_epoch
-      bar = reporting.ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{total_epochs}",
-                                  initial=step - epoch * steps_per_epoch)
       train_metrics, pending = None, None
       t_epoch = time.time()
       while step < epoch_end:
@@ -549,8 +431,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
           stop = "time budget"
           break
         t = time.time()
-        batch = next(data_iter)
-        batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
+        batch = parallel.host_to_global({k: v for k, v in next(data_iter).items() if k in task.batch_keys}, mesh)
         timing["data_wait_s"] += time.time() - t
         # Everything the step takes is already on the devices: an implicit host transfer here would be a bug.
         with jax.transfer_guard("disallow"):
@@ -565,38 +446,30 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
         for hook in hooks:
           hook(step)
         if step % log_every == 0 or step == epoch_end:
-          scalars = reporting.metrics_to_scalars(parallel.local_copy(train_metrics), "train/")
-          writer.write_scalars(step, scalars)
-          bar.update(0, loss=scalars.get("train/loss", float("nan")))
+          writer.write_scalars(step, reporting.metrics_to_scalars(parallel.local_copy(train_metrics), "train/"))
           train_metrics = None
-        bar.update(1)
         if watcher.should_stop(step):
           stop = "preempted"
           break
       if pending is not None:
         _check_finite(*pending, nan_policy=nan_policy, steps_per_epoch=steps_per_epoch)
-      bar.close()
       timing["train_s"] += time.time() - t_epoch
       if stop == "preempted":
         logging.warning("Stopping at step %d on a preemption request; saving a checkpoint", step)
-        ckpt.save(step, state, _meta(schedule, info, config, step), data_iter)
+        save()
         ckpt.wait()
         break
       if stop == "time budget":
         # A partial epoch: evaluated and saved, but the schedule is not stepped (a rerun continues the epoch).
         logging.warning("Stopping at step %d of %d: config.train.time_budget_s=%s reached", step, total_steps,
                         train_cfg.time_budget_s)
-        value = evaluate_and_log(num_images) if info.last_stats_step != step else None
-        ckpt.save(step, state, _meta(schedule, info, config, step), data_iter,
-                  metrics=None if value is None else {task.metric_name: value})
+        save(evaluate_and_log(num_images) if info.last_stats_step != step else None)
         break
-
       last_epoch = step >= total_steps
       value = evaluate_and_log(num_images) if (epoch + 1) % eval_every == 0 or last_epoch else None
       schedule.end_epoch(epoch, value)
       if (epoch + 1) % ckpt_every == 0 or last_epoch or value is not None:
-        ckpt.save(step, state, _meta(schedule, info, config, step), data_iter,
-                  metrics=None if value is None else {task.metric_name: value})
+        save(value)
       writer.flush()
   finally:
     watcher.close()
@@ -621,9 +494,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   if info.last_stats is None or info.last_stats_step != step:
     evaluate_and_log(0)
   stats = dict(info.last_stats)
-  t = time.time()
-  baseline = task.baseline(workdir)
-  baseline_s = time.time() - t
+  baseline, baseline_s = _timed(lambda: task.baseline(workdir))
   train_s = timing["train_s"]
   summary.update(
       metric=task.metric_name, stats=stats, best_metric=info.best_metric, best_step=info.best_step,
@@ -637,48 +508,23 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   if baseline is not None:
     summary[f"baseline_{task.metric_name}"] = baseline.get(task.metric_name)
   if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(_jsonable(summary), f, indent=2)
+    write_json(os.path.join(workdir, "summary.json"), summary)
   writer.write_scalars(step, {_tag(f"final/{k}"): v for k, v in stats.items()})
   writer.close()
   return summary
 
 
-class TimeBudget:
-  """`config.train.time_budget_s`: stop training early enough that the final evaluation still fits.
-
-  The reserve is the longest evaluation seen so far (at least `reserve_s`, which also covers its first compile).
-  With several processes the decision is shared, so every process stops at the same step.
-  """
-
-  def __init__(self, start: float, budget_s: float, reserve_s: float):
-    self.start, self.budget_s, self.reserve_s = start, budget_s, reserve_s
-
-  def reserve_for_evaluation(self, seconds: float) -> None:
-    self.reserve_s = max(self.reserve_s, seconds * 1.1)
-
-  def exhausted(self) -> bool:
-    if self.budget_s <= 0:
-      return False
-    return parallel.any_process(time.time() - self.start + self.reserve_s > self.budget_s)
-
-
-def _timed(fn):
-  t = time.time()
-  result = fn()
-  return result, time.time() - t
-
-
-def _tag(name: str) -> str:
-  """A TensorBoard-safe scalar name ('val/AP (M)' -> 'val/AP_M')."""
-  return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_./-]", "_", name)).strip("_")
-
-
-def abstract_state(model: nn.Module, config, tx, mesh) -> TrainState:
-  """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
-  replicated = parallel.replicated(mesh)
-  shapes = jax.eval_shape(lambda: create_state_abstract(model, config, tx))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+def _check_batch(config, mesh) -> int:
+  """The per-process batch size, after checking the global batch splits over devices and micro-batches."""
+  batch = int(config.train.batch_size)
+  accum = int(config.train.get("grad_accum_steps", 1))
+  devices = mesh.devices.size
+  if accum < 1:
+    raise ValueError(f"config.train.grad_accum_steps={accum}: must be >= 1")
+  if batch % (devices * accum):
+    raise ValueError(f"config.train.batch_size={batch} must be a multiple of devices ({devices}) x "
+                     f"grad_accum_steps ({accum})")
+  return parallel.per_process_batch_size(batch, mesh)
 
 
 def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -> None:
@@ -692,140 +538,28 @@ def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -
   logging.warning("Skipped step %d (epoch %d): non-finite loss or gradient", step, epoch + 1)
 
 
-def _batch_spec(loader, task: Task, config, batch_per_process: int, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of the global batch, for compiling before the first batch arrives."""
-  shapes = getattr(loader, "batch_shapes", None)
-  if shapes is None:
-    shapes = task_batch_shapes(task, config, batch_per_process)
-  sharding = parallel.batch_sharding(mesh)
-  scale = jax.process_count()
-  return {k: jax.ShapeDtypeStruct((shape[0] * scale,) + tuple(shape[1:]), np.dtype(dtype), sharding=sharding)
-          for k, (shape, dtype) in shapes.items() if k in task.batch_keys}
+def _timed(fn):
+  t = time.time()
+  result = fn()
+  return result, time.time() - t
 
 
-def task_batch_shapes(task: Task, config, batch_per_process: int) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
-  """Per-process batch shapes: the task's `batch_shapes(config, n)` or the top-down layout."""
-  if hasattr(task, "batch_shapes"):
-    return task.batch_shapes(config, batch_per_process)
-  h, w, c = input_shape(config)
-  hw, hh = (int(v) for v in config.data.heatmap_size)
-  j = int(config.data.num_joints)
-  return {"image": ((batch_per_process, h, w, c), np.float32),
-          "heatmaps": ((batch_per_process, hh, hw, j), np.float32),
-          "target_weight": ((batch_per_process, j), np.float32)}
+def _tag(name: str) -> str:
+  """A TensorBoard-safe scalar name ('val/AP (M)' -> 'val/AP_M')."""
+  return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_./-]", "_", name)).strip("_")
 
 
-def _jsonable(value):
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
+def write_json(path: str, value: Any) -> None:
+  """`value` as JSON, with numpy scalars as numbers and NaN / Inf as null."""
 
+  def plain(v):
+    if isinstance(v, dict):
+      return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+      v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation of a trained run.
-
-
-def restore_variables(config, workdir: str, which: str = "best") -> Tuple[Dict[str, Any], Optional[int]]:
-  """Parameters and batch statistics of `workdir`'s best (or latest) checkpoint, or of `config.init`.
-
-  Returns (variables as host numpy, step or None when they came from `config.init` / random initialisation).
-  """
-  task = get_task(config)
-  model = task.build_model(config)
-  directory = checkpointing.default_directory(workdir) if workdir else ""
-  if directory and os.path.isdir(directory):
-    ckpt = checkpointing.Checkpointer(directory, best_metric=task.metric_name, asynchronous=False, read_only=True)
-    step = ckpt.best_step() if which == "best" else ckpt.latest_step()
-    if step is not None:
-      mesh = parallel.make_mesh()
-      tx = schedules.make_optimizer(config.train)
-      abstract = jax.eval_shape(
-          lambda: create_state_abstract(model, config, tx))
-      replicated = parallel.replicated(mesh)
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-      state, _ = ckpt.restore(step, abstract)
-      ckpt.close()
-      logging.info("Restored the %s checkpoint: %s", which, ckpt.directory / str(step))
-      return jax.tree.map(parallel.local_value, eval_variables(state)), step
-    ckpt.close()
-  if not config.get("init", {}).get("checkpoint", ""):
-    raise FileNotFoundError(f"no checkpoint in {directory or '(no workdir)'} and no config.init.checkpoint: "
-                            f"nothing to evaluate")
-  variables = initial_variables(model, config, jax.random.PRNGKey(int(config.get("seed", 0))))
-  return variables, None
-
-
-def create_state_abstract(model: nn.Module, config, tx) -> TrainState:
-  """The train state's structure (inside `jax.eval_shape`)."""
-  dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
-  key = jax.random.PRNGKey(0)
-  variables = model.init({"params": key, "dropout": key}, dummy, train=False)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params), rng=key, skipped=jnp.zeros((), jnp.int32))
-
-
-def evaluate_run(config, workdir: str, which: str = "best") -> Dict[str, Any]:
-  """Evaluates the best (or latest) checkpoint of `workdir` (or `config.init.checkpoint`); writes eval.json."""
-  task = get_task(config)
-  variables, step = restore_variables(config, workdir, which)
-  apply_fn = make_apply_fn(task.build_model(config))
-  mesh = parallel.make_mesh()
-  variables = parallel.replicate_from_host(variables, mesh)
-  stats, _ = task.evaluate(apply_fn, variables, workdir=workdir, num_images=0)
-  result = dict(step=step, metric=task.metric_name, stats=stats)
-  result[task.metric_name] = stats.get(task.metric_name)
-  if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-      json.dump(_jsonable(result), f, indent=2)
-  return result
-
-
-
-class BottomUpTask(Task):
-  """Bottom-up DEM: heatmap + offset + associative-embedding losses; whole-image multi-scale evaluation."""
-  input_key = "image"
-  metric_name = "AP"
-
-  def __init__(self, config):
-    super().__init__(config)
-    from data_pipelines import bottomup  # pylint: disable=import-outside-toplevel
-    from meme_jax.losses import dem as dem_losses  # pylint: disable=import-outside-toplevel
-    self._bottomup = bottomup
-    self._losses = dem_losses
-    self.batch_keys = bottomup.BATCH_KEYS
-    self.metrics_class = dem_losses.DEMTrainMetrics
-    self.metric_name = "Mean" if config.data.format == "mpii" else "AP"
-    self._records = None
-
-  def check_data(self) -> None:
-    TopDownTask.check_data(self)  # the same files and the same advice
-
-  def batch_shapes(self, config, batch_size: int):
-    return self._bottomup.batch_shapes(config, batch_size)
-
-  def train_loader(self, *, seed, shard_index, shard_count, batch_size_per_process, num_workers):
-    return self._bottomup.bottomup_train_loader(
-        self.config, seed=seed, shard_index=shard_index, shard_count=shard_count,
-        batch_size_per_process=batch_size_per_process, num_workers=num_workers)
-
-  def loss_and_metrics(self, outputs, batch):
-    return self._losses.dem_loss_and_metrics(outputs, batch, self.config)
-
-  def evaluate(self, apply_fn, variables, *, workdir, num_images=0):
-    from meme_jax import evaluate_bottomup  # pylint: disable=import-outside-toplevel
-    if self._records is None:
-      self._records = evaluate_bottomup.load_image_records(self.config)
-    stats = evaluate_bottomup.evaluate_bottomup(self.config, apply_fn, parallel.local_copy(variables),
-                                                self._records, workdir=workdir)
-    return {k: float(v) for k, v in stats.items()}, []
-
-
-register_task("dem", BottomUpTask)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(plain(value), f, indent=2)

@@ -1,4 +1,4 @@
-"""DEM bottom-up inference (meme_jax.bottomup) and evaluation (meme_jax.evaluate_bottomup): test-time sizes, the
+"""DEM bottom-up inference (meme_jax.bottomup.inference) and evaluation (meme_jax.bottomup.evaluation): test-time sizes, the
 bilinear projection, the flip merge (against the codec's own mirror), offset de-normalisation at every scale and
 aspect, the codec upper bound on the real COCO / CrowdPose / MPII samples through COCOeval / xtcocotools / PCKh, the
 network path with a small DEM, the predict path and the benchmarks."""
@@ -14,7 +14,11 @@ import pytest
 
 import meme_jax
 from configs import dem_common
-from meme_jax import bottomup, evaluate_bottomup, grouping
+from meme_jax.bottomup import benchmark as bottomup_benchmark
+from meme_jax.bottomup import evaluation as evaluate_bottomup
+from meme_jax.bottomup import grouping
+from meme_jax.bottomup import inference as bottomup
+from meme_jax.bottomup import scenes
 from meme_jax.codecs.dem import DEMCodec
 from meme_jax.models import build_model
 from conftest import shared_path
@@ -114,11 +118,11 @@ def test_offsets_are_base_map_pixels_at_every_scale_and_aspect():
       options = dataclasses.replace(bottomup.TestOptions.from_config(COCO), scale_factors=(s,), offset_denorm=mode,
                                     flip_test=True)
       runner = bottomup.BottomUp(COCO, None, None, options=options)
-      maps = runner.maps_from_outputs(bottomup.scene_outputs(codec, person, (height, width), options),
+      maps = runner.maps_from_outputs(scenes.scene_outputs(codec, person, (height, width), options),
                                       (height, width))
       base_size, center, scale = bottomup.multi_scale_size(height, width, 512, 1.0, s)
       assert maps.base_size == base_size
-      truth = bottomup.people_to_input(person, center, scale, base_size)[0]
+      truth = scenes.people_to_input(person, center, scale, base_size)[0]
       heat = np.asarray(maps.heatmaps)[..., 7]
       y, x = np.unravel_index(np.argmax(heat), heat.shape)
       cx, cy = groups.parent_offset_channels(7)
@@ -177,7 +181,7 @@ def test_codec_upper_bound_mpii_samples():
 def tiny_network(config):
   """A randomly initialised small DEM (jitted init and apply: eager Flax is slow on CPU)."""
   model = build_model(config)
-  return jax.jit(lambda v, x: model.apply(v, x, train=False)), bottomup.random_variables(model, (128, 128))
+  return jax.jit(lambda v, x: model.apply(v, x, train=False)), bottomup_benchmark.random_variables(model, (128, 128))
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +259,7 @@ def test_evaluate_bottomup_and_predict_images(tiny_coco, tmp_path):
 def test_time_postprocess_reports_both_parts():
   config = meme_jax.load_config("configs/dem_w32_coco.py:tiny")
   config.test.scale_factors = (1.0,)
-  report = bottomup.time_postprocess(config, image_hw=(120, 160), num_people=3, repeats=1)
+  report = bottomup_benchmark.time_postprocess(config, image_hw=(120, 160), num_people=3, repeats=1)
   for key in ("postprocess_s", "grouping_s", "network_s", "persons_found", "device", "input_sizes"):
     assert key in report
   assert report["postprocess_s"] > 0 and report["network_s"] > 0 and report["input_sizes"] == [[128, 192]]
@@ -266,9 +270,9 @@ def test_grouping_benchmark_ideal_is_perfect_and_noise_costs_accuracy():
   config = COCO
   variants = {"default": grouping.GroupingParams.from_config(config),
               "mrm": dataclasses.replace(grouping.GroupingParams.from_config(config), mrm=True)}
-  ideal = bottomup.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320), noise=None,
+  ideal = bottomup_benchmark.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320), noise=None,
                                       min_joint_distance=20)
   assert ideal["default"]["AP"] == pytest.approx(1.0) and ideal["mrm"]["AP"] == pytest.approx(1.0)
-  noisy = bottomup.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320),
-                                      noise=bottomup.OutputNoise(location_sigma=(0.03, 0.1)), min_joint_distance=20)
+  noisy = bottomup_benchmark.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320),
+                                      noise=scenes.OutputNoise(location_sigma=(0.03, 0.1)), min_joint_distance=20)
   assert 0 < noisy["default"]["AP"] < 1.0

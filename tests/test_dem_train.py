@@ -19,7 +19,11 @@ import meme_jax
 from configs import dem_common
 from data_pipelines import bottomup as bottomup_data
 from data_pipelines.images import read_image
-from meme_jax import bottomup, evaluate_bottomup, predict, train
+from meme_jax import predict, train
+from meme_jax.bottomup import evaluation as evaluate_bottomup
+from meme_jax.bottomup import inference as bottomup
+from meme_jax.bottomup import predict as bottomup_predict
+from meme_jax.bottomup import scenes
 from meme_jax.codecs.dem import DEMCodec
 from meme_jax.losses.dem import dem_loss
 
@@ -118,7 +122,7 @@ def test_heatmaps_find_the_people_in_held_out_images(trained):
   ideal = []
   for r in records:
     hw = (int(r["height"]), int(r["width"]))
-    ideal.append(runner.maps_from_outputs(bottomup.scene_outputs(codec, r["keypoints"], hw, runner.options), hw))
+    ideal.append(runner.maps_from_outputs(scenes.scene_outputs(codec, r["keypoints"], hw, runner.options), hw))
   assert found_fraction(ideal, people) == (1.0, 1.0)
 
   centres, joints = found_fraction(maps, people)

@@ -16,7 +16,8 @@ import scipy.io
 
 import meme_jax
 from conftest import REPO_ROOT, SAMPLES, shared_path
-from meme_jax import evaluate
+from meme_jax.topdown import evaluation as evaluate
+from meme_jax.topdown import inference
 from meme_jax.codecs import affine
 from meme_jax.metrics import coco, mpii
 
@@ -191,7 +192,8 @@ def run_on_two_devices(tmp_path, variables_file, expected_file):
     import jax, numpy as np
     assert jax.local_device_count() == 2, jax.devices()
     import test_evaluate as t
-    from meme_jax import evaluate
+    from meme_jax.topdown import evaluation as evaluate
+    from meme_jax.topdown import inference
     config = t.small_coco_config()
     config.test.batch_size = 3
     records = evaluate.load_eval_records(config)
@@ -204,9 +206,9 @@ def run_on_two_devices(tmp_path, variables_file, expected_file):
         node = node.setdefault(p, {{}})
       node[parts[-1]] = flat[key]
     model = t.StandIn(17)
-    predictor = evaluate.TopDownPredictor(config, lambda v, x: model.apply(v, x), variables)
+    predictor = inference.TopDownPredictor(config, lambda v, x: model.apply(v, x), variables)
     assert predictor.num_devices == 2 and predictor.padded_size(3) == 4
-    keypoints = evaluate.predict_records(predictor, records)
+    keypoints = inference.predict_records(predictor, records)
     expected = np.load({str(expected_file)!r})
     np.testing.assert_allclose(keypoints[..., 2], expected[..., 2], atol=1e-5)
     np.testing.assert_allclose(keypoints[..., :2], expected[..., :2], atol=1e-2)
@@ -225,10 +227,10 @@ def test_unpredicted_records_are_an_error_unless_skipping(config, records):
   batches = list(evaluate.ground_truth_batches(cfg, records, 5))
   batches[0]["valid"] = np.array([True, False, True, True, True])      # record 1 never predicted
   with pytest.raises(RuntimeError, match="1 of 12 records"):
-    evaluate.run_predictor(predictor, batches, records)
+    inference.run_predictor(predictor, batches, records)
   cfg.data.skip_bad_records = True
   predictor = evaluate.codec_predictor(cfg)
-  keypoints = evaluate.run_predictor(predictor, batches, records)
+  keypoints = inference.run_predictor(predictor, batches, records)
   assert np.isnan(keypoints[1]).all() and np.isfinite(np.delete(keypoints, 1, axis=0)).all()
   stats = evaluate.evaluate_keypoints(cfg, records, keypoints)["stats"]
   assert 0.8 < stats["AR"] < 1.0      # one of the twelve people is missed

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import meme_jax
-from meme_jax import bottomup, grouping
+from meme_jax.bottomup import grouping
+from meme_jax.bottomup import inference as bottomup
+from meme_jax.bottomup import scenes
 from conftest import shared_path
 
 COCO = meme_jax.load_config("configs/dem_w32_coco.py")
@@ -440,7 +442,7 @@ def recovered(truth, prediction, tolerance):
 
 
 def ideal_predictions(config, records, **kwargs):
-  raw = bottomup.upper_bound_predictions(config, records, **kwargs)
+  raw = scenes.upper_bound_predictions(config, records, **kwargs)
   return [bottomup.Prediction(r["keypoints"], r["scores"], None) for r in raw]
 
 
@@ -471,7 +473,7 @@ def test_recovers_every_person_and_joint_on_real_samples(config, path):
 @pytest.fixture(scope="module")
 def crowded_coco():
   rng = np.random.default_rng(7)
-  return [dict(image_id=i + 1, height=480, width=640, keypoints=bottomup.synthetic_scene(rng, 18, (480, 640)))
+  return [dict(image_id=i + 1, height=480, width=640, keypoints=scenes.synthetic_scene(rng, 18, (480, 640)))
           for i in range(2)]
 
 
@@ -481,7 +483,7 @@ def ideal_maps(config, record):
   options = dataclasses.replace(bottomup.TestOptions.from_config(config), scale_factors=(1.0,))
   runner = bottomup.BottomUp(config, None, None, options=options)
   hw = (record["height"], record["width"])
-  return runner.maps_from_outputs(bottomup.scene_outputs(DEMCodec.from_config(config), record["keypoints"], hw,
+  return runner.maps_from_outputs(scenes.scene_outputs(DEMCodec.from_config(config), record["keypoints"], hw,
                                                          options), hw), runner.groups
 
 
@@ -505,7 +507,7 @@ def test_recovers_every_person_and_joint_in_crowded_synthetic_scenes(crowded_coc
 def test_crowded_crowdpose_scene_and_the_original_parser_loses_people():
   rng = np.random.default_rng(3)
   record = dict(image_id=1, height=480, width=640,
-                keypoints=bottomup.synthetic_scene(rng, 18, (480, 640), dataset="crowdpose"))
+                keypoints=scenes.synthetic_scene(rng, 18, (480, 640), dataset="crowdpose"))
   maps, groups = ideal_maps(CROWDPOSE, record)
   fixed = bottomup.predict_from_maps(maps, groups, grouping.GroupingParams.from_config(CROWDPOSE))
   assert recovered(record["keypoints"], fixed, 3.0).all()

@@ -23,6 +23,8 @@ import pytest
 import meme_jax
 from conftest import REPO_ROOT, shared_path
 from meme_jax import convert
+from meme_jax import evaluate
+from meme_jax import tasks
 from meme_jax import train
 
 pytestmark = pytest.mark.xdist_group("main_command")
@@ -140,7 +142,7 @@ def test_readme_main_command_writes_summary_pictures_and_checkpoint(tmp_path, ca
   assert any(tag.startswith("val/") for tag in scalars) and any("loss" in tag for tag in scalars)
 
   config = meme_jax.load_config("configs/eeffpose_p0.py:synthetic")
-  variables, step = train.restore_variables(config, str(workdir), "latest")
+  variables, step = evaluate.restore_variables(config, str(workdir), "latest")
   assert step == 2
   leaves = jax.tree.leaves(variables["params"])
   assert len(leaves) > 500 and all(np.isfinite(np.asarray(x)).all() for x in leaves)
@@ -165,7 +167,7 @@ def _expected_from_file(state_dict):
 
 def _fresh_params(config):
   """The config's own initialisation, as the trainer derives it from the seed."""
-  task = train.get_task(config)
+  task = tasks.get_task(config)
   model = task.build_model(train.training_config(config))
   init_rng, _ = jax.random.split(jax.random.PRNGKey(int(config.get("seed", 0))))
   config = config.copy_and_resolve_references()
@@ -175,7 +177,7 @@ def _fresh_params(config):
 
 def _check_initialised(workdir, config, from_files):
   """After one step at learning rate 0: the files' leaves equal the files, every other leaf the fresh init."""
-  variables, step = train.restore_variables(config, str(workdir), "latest")
+  variables, step = evaluate.restore_variables(config, str(workdir), "latest")
   assert step == 1
   got = _flat(variables)
   fresh = _fresh_params(config)

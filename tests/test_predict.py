@@ -13,7 +13,8 @@ import pytest
 
 import meme_jax
 from conftest import REPO_ROOT, SAMPLES, shared_path
-from meme_jax import convert, predict, visualize
+from meme_jax import convert, frames, predict, visualize
+from meme_jax.topdown import predict as topdown_predict
 
 
 class StandIn(nn.Module):
@@ -53,26 +54,26 @@ def test_box_source_matches_ids_names_and_fixed_boxes(tmp_path, detections):
           {"file_name": "cat.png", "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.8}]
   path = tmp_path / "dets.json"
   path.write_text(json.dumps(dets))
-  source = predict.BoxSource(str(path), min_score=0.5)
+  source = topdown_predict.BoxSource(str(path), min_score=0.5)
   image = np.zeros((50, 60, 3), np.uint8)
-  boxes, scores = source.boxes(predict.Frame("000000000785.jpg", 785, image, "000000000785.jpg"))
+  boxes, scores = source.boxes(frames.Frame("000000000785.jpg", 785, image, "000000000785.jpg"))
   np.testing.assert_array_equal(boxes, [[1, 2, 30, 40]])
   np.testing.assert_array_equal(scores, [0.9])
-  boxes, _ = source.boxes(predict.Frame("cat.png", 3, image, "cat.png"))
+  boxes, _ = source.boxes(frames.Frame("cat.png", 3, image, "cat.png"))
   np.testing.assert_array_equal(boxes, [[0, 0, 5, 5]])
-  assert source.boxes(predict.Frame("x.jpg", 9, image, "x.jpg"))[0].shape == (0, 4)
-  fixed = predict.BoxSource(boxes=["3,4,10,20"])
-  np.testing.assert_array_equal(fixed.boxes(predict.Frame("a", 1, image, "a"))[0], [[3, 4, 10, 20]])
+  assert source.boxes(frames.Frame("x.jpg", 9, image, "x.jpg"))[0].shape == (0, 4)
+  fixed = topdown_predict.BoxSource(boxes=["3,4,10,20"])
+  np.testing.assert_array_equal(fixed.boxes(frames.Frame("a", 1, image, "a"))[0], [[3, 4, 10, 20]])
   with pytest.raises(ValueError, match="x,y,w,h"):
-    predict.BoxSource(boxes=["3,4,10"])
+    topdown_predict.BoxSource(boxes=["3,4,10"])
   with pytest.raises(ValueError, match="positive"):
-    predict.BoxSource(boxes=["3,4,0,20"])
-  assert predict.image_id_for("000000000785.jpg", 7) == 785 and predict.image_id_for("cat.png", 7) == 7
+    topdown_predict.BoxSource(boxes=["3,4,0,20"])
+  assert frames.image_id_for("000000000785.jpg", 7) == 785 and frames.image_id_for("cat.png", 7) == 7
 
 
 def test_folder_with_detections_gives_coco_results_and_pictures(config, model, detections, tmp_path):
   apply_fn, variables = model
-  out = predict.run(config, variables, apply_fn, os.path.join(SAMPLES, "coco"), str(tmp_path / "out"),
+  out = topdown_predict.run(config, variables, apply_fn, os.path.join(SAMPLES, "coco"), str(tmp_path / "out"),
                     detections=detections, min_box_score=0.9)
   with open(out["keypoints_file"], encoding="utf-8") as f:
     results = json.load(f)
@@ -99,7 +100,7 @@ def test_without_boxes_the_whole_image_is_one_person(config, model, tmp_path, ca
   apply_fn, variables = model
   image = os.path.join(SAMPLES, "coco", "000000040083.jpg")
   with caplog.at_level("WARNING"):
-    out = predict.run(config, variables, apply_fn, image, str(tmp_path / "out"), render=False)
+    out = topdown_predict.run(config, variables, apply_fn, image, str(tmp_path / "out"), render=False)
   assert "No person boxes given" in caplog.text
   assert len(out["results"]) == 1 and out["results"][0]["bbox"] == [0.0, 0.0, 500.0, 333.0]
   assert out["results"][0]["image_id"] == 40083
@@ -115,7 +116,7 @@ def test_video_in_video_out(config, model, tmp_path):
   for i in range(3):
     writer.write(np.roll(frame, 10 * i, axis=1))
   writer.release()
-  out = predict.run(config, variables, apply_fn, video, str(tmp_path / "out"),
+  out = topdown_predict.run(config, variables, apply_fn, video, str(tmp_path / "out"),
                     boxes=["139.41,102.25,222.39,241.57", "372.58,170.84,266.63,217.19"])
   assert [r["frame"] for r in out["results"]] == [0, 0, 1, 1, 2, 2]
   assert [r["image_id"] for r in out["results"]] == [0, 0, 1, 1, 2, 2]

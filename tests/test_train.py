@@ -25,14 +25,17 @@ import pytest
 import torch
 
 from configs import common
-from meme_jax import baseline as baseline_lib
 from meme_jax import checkpointing
+from meme_jax import evaluate
 from meme_jax import parallel
 from meme_jax import reporting
 from meme_jax import schedules
+from meme_jax import tasks
 from meme_jax import train
 from meme_jax.losses import heatmap as heatmap_losses
 from meme_jax.models.layers import BatchNorm, DropPath
+from meme_jax.topdown import baseline as baseline_lib
+from meme_jax.topdown.task import TopDownTask
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -98,7 +101,7 @@ class ToyLoader:
     return iter(self.dataset)
 
 
-class ToyTask(train.TopDownTask):
+class ToyTask(TopDownTask):
   """A top-down task on `ToyPoseNet` and in-memory data; evaluation reports the heatmap accuracy as 'AP'."""
 
   def __init__(self, config):
@@ -137,14 +140,14 @@ class ToyTask(train.TopDownTask):
   def baseline(self, workdir):
     return {"AP": 0.0}
 
-  def batch_shapes(self, config, n):
+  def batch_shapes(self, n):
     s, j = self.image_size, self.num_joints
     return {"image": ((n, s, s, 3), np.float32), "heatmaps": ((n, s, s, j), np.float32),
             "target_weight": ((n, j), np.float32)}
 
 
 def register():
-  train.register_task("toy", ToyTask)
+  tasks.register_task("toy", ToyTask)
 
 
 register()
@@ -211,7 +214,7 @@ def final_state(workdir, config):
   task = ToyTask(config)
   model = task.build_model(config)
   tx = schedules.make_optimizer(config.train)
-  abstract = jax.eval_shape(lambda: train.create_state_abstract(model, config, tx))
+  abstract = train.abstract_state(model, config, tx, parallel.make_mesh())
   # Checkpoints written on other device layouts (8 devices, 2 processes) restore onto this process's first device.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
@@ -425,11 +428,11 @@ def test_uninterrupted_run_reports(uninterrupted):
 
 def test_evaluate_mode_restores_checkpoints(uninterrupted):
   config, workdir, summary = uninterrupted["config"], uninterrupted["workdir"], uninterrupted["summary"]
-  latest = train.evaluate_run(config, workdir, "latest")
+  latest = evaluate.evaluate_run(config, workdir, "latest")
   assert latest["step"] == 16 and latest["stats"] == summary["stats"]
   with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
     assert json.load(f)["AP"] == pytest.approx(summary["stats"]["AP"])
-  best = train.evaluate_run(config, workdir, "best")
+  best = evaluate.evaluate_run(config, workdir, "best")
   assert best["step"] == summary["best_step"] and best["AP"] == pytest.approx(summary["best_metric"])
 
 

@@ -1,21 +1,15 @@
-"""Bottom-up (DEM) evaluation and prediction: whole images -> multi-scale flip test -> grouping -> metric / pictures.
+"""Bottom-up (DEM) evaluation: whole validation images -> multi-scale flip test and grouping
+(`meme_jax.bottomup.inference`) -> the dataset's metric (`meme_jax.metrics.protocols`).
 
 No person boxes are involved: every person the grouping finds is submitted with its score (the mean of its joint
 scores), at most `config.test.max_persons` per image (COCOeval and the CrowdPose protocol keep 20 per image).
+MPII's protocol gives each evaluated person's rough position (`center`) and scale; each is assigned the predicted
+person whose joints' mean lies closest to that position, and joints go back to the MPII order
+(`config.data.joint_order` maps network joints to MPII ones).
 
-- COCO: pycocotools COCOeval on the results JSON (`meme_jax.metrics.coco`);
-- CrowdPose: xtcocotools' protocol with AP easy / medium / hard (`meme_jax.metrics.crowdpose`);
-- MPII: PCKh against `gt_valid.mat` (`meme_jax.metrics.mpii`). MPII's protocol gives each evaluated person's rough
-  position (`center`) and scale; each is assigned the predicted person whose joints' mean lies closest to that
-  position, and joints go back to the MPII order (`config.data.joint_order` maps network joints to MPII ones).
-
-Entry points:
 - `evaluate_bottomup(config, apply_fn, variables, image_records, workdir=...)` -> stats by name;
-- `load_image_records(config)`: every validation image (and, for MPII, its people);
 - `codec_upper_bound(config, workdir=...)`: the metric when the network is replaced by ideal outputs rendered
-  from the ground truth with the training codec (what `scripts/codec_upper_bound.py` reports for DEM);
-- `predict_images(config, variables, apply_fn, input_path, output)`: the predict CLI's bottom-up path (keypoints
-  JSON and pictures, no boxes needed).
+  from the ground truth with the training codec.
 """
 import collections
 import json
@@ -27,15 +21,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
-from meme_jax import bottomup
-
-DEFAULT_MPII_GT = "data/mpii/annot/gt_valid.mat"
-
-
-def eval_protocol(config) -> str:
-  """'mpii', 'crowdpose' or 'coco' (as `meme_jax.evaluate.eval_protocol`)."""
-  from meme_jax.evaluate import eval_protocol as protocol  # pylint: disable=import-outside-toplevel
-  return protocol(config)
+from data_pipelines import images as images_lib
+from meme_jax.bottomup.inference import BottomUp
+from meme_jax.bottomup.inference import Prediction
+from meme_jax.bottomup.inference import predict_from_maps
+from meme_jax.bottomup.scenes import upper_bound_predictions
+from meme_jax.metrics import protocols
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,8 +116,7 @@ def load_image_records(config, annotations: Optional[str] = None, images: Option
 def _image(record: Mapping[str, Any]) -> np.ndarray:
   if "image" in record:
     return np.asarray(record["image"])
-  from data_pipelines import images  # pylint: disable=import-outside-toplevel
-  return images.read_image(record["file"], color_rgb=True)
+  return images_lib.read_image(record["file"], color_rgb=True)
 
 
 def _image_hw(record: Mapping[str, Any]):
@@ -149,7 +139,7 @@ def to_annotation_order(config, keypoints: np.ndarray) -> np.ndarray:
   return out
 
 
-def mpii_assign(records: Sequence[Mapping[str, Any]], predictions: Sequence[bottomup.Prediction], num_entries: int,
+def mpii_assign(records: Sequence[Mapping[str, Any]], predictions: Sequence[Prediction], num_entries: int,
                 num_joints: int) -> np.ndarray:
   """MPII evaluated people <- predicted people: for each person entry (record['people']) the predicted person
   whose detected joints' mean is closest to the entry's `center`; (num_entries, J, 3), zeros where none."""
@@ -166,59 +156,31 @@ def mpii_assign(records: Sequence[Mapping[str, Any]], predictions: Sequence[bott
   return out
 
 
-def evaluate_predictions(config, records: Sequence[Mapping[str, Any]], predictions: Sequence[bottomup.Prediction],
+def evaluate_predictions(config, records: Sequence[Mapping[str, Any]], predictions: Sequence[Prediction],
                          *, workdir: Optional[str] = None, name: str = "val",
                          mpii_gt: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, Any]:
-  """The metric of the config's dataset on per-image predictions -> {'stats', 'results_file'}.
-
-  COCO / CrowdPose: results JSON (`workdir/results/keypoints_<name>_results.json` when `workdir` is given) and
-  COCOeval / the CrowdPose protocol on `config.data.val_annotations`. MPII: PCKh against `mpii_gt` or
-  `config.data.val_gt_mat`.
-  """
-  from meme_jax.metrics import coco as coco_metric  # pylint: disable=import-outside-toplevel
-  from meme_jax.metrics import nms  # pylint: disable=import-outside-toplevel
-  protocol = eval_protocol(config)
-  results_dir = os.path.join(workdir, "results") if workdir else None
-  if protocol == "mpii":
-    from meme_jax.metrics import mpii as mpii_metric  # pylint: disable=import-outside-toplevel
-    gt = mpii_gt if mpii_gt is not None else mpii_metric.load_gt_mat(config.data.get("val_gt_mat", DEFAULT_MPII_GT))
-    num_entries = int(gt["pos_gt_src"].shape[-1])
-    assigned = to_annotation_order(config, mpii_assign(records, predictions, num_entries,
-                                                          int(config.data.num_joints)))
-    results_file = None
-    if results_dir:
-      results_file = mpii_metric.save_pred_mat(os.path.join(results_dir, f"pred_{name}.mat"), assigned)
-    return dict(stats=mpii_metric.pckh(assigned[..., :2], gt), results_file=results_file)
+  """The metric of the config's dataset on per-image predictions -> {'stats', 'results_file'}
+  (`meme_jax.metrics.protocols.evaluate`). MPII: each evaluated person entry takes the nearest predicted person."""
+  num_joints = int(config.data.num_joints)
+  if protocols.eval_protocol(config) == "mpii":
+    gt = protocols.mpii_ground_truth(config, mpii_gt)
+    assigned = mpii_assign(records, predictions, int(gt["pos_gt_src"].shape[-1]), num_joints)
+    return protocols.evaluate(config, to_annotation_order(config, assigned), workdir=workdir, name=name, mpii_gt=gt)
   image_ids, keypoints, scores = [], [], []
   for record, prediction in zip(records, predictions):
     image_ids += [int(record["image_id"])] * len(prediction.scores)
     keypoints += list(to_annotation_order(config, np.asarray(prediction.keypoints)))
     scores += [float(s) for s in prediction.scores]
-  num_joints = int(config.data.num_joints)
-  keypoints = np.asarray(keypoints, np.float64).reshape(-1, num_joints, 3)
-  sigmas = nms.sigmas_from_config(config.data.oks_sigmas)
-  if protocol == "crowdpose":
-    from meme_jax.metrics import crowdpose  # pylint: disable=import-outside-toplevel
-    category = crowdpose.category_id(config.data.val_annotations)
-  else:
-    category = coco_metric.person_category_id(coco_metric.load_coco(config.data.val_annotations))
-  results = coco_metric.results_json(image_ids, keypoints, scores, category)
-  results_file = None
-  if results_dir:
-    results_file = coco_metric.write_json(os.path.join(results_dir, f"keypoints_{name}_results.json"), results)
-  if protocol == "crowdpose":
-    stats = crowdpose.crowdpose_keypoint_eval(config.data.val_annotations, results, sigmas=sigmas, log=logging)
-  else:
-    stats = coco_metric.coco_keypoint_eval(config.data.val_annotations, results, sigmas=sigmas, log=logging)
-  return dict(stats=stats, results_file=results_file)
+  return protocols.evaluate(config, np.asarray(keypoints, np.float64).reshape(-1, num_joints, 3),
+                            image_ids=image_ids, scores=scores, workdir=workdir, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation.
 
 
-def predict_records(runner: bottomup.BottomUp, records: Sequence[Mapping[str, Any]],
-                    timing: Optional[Dict[str, float]] = None) -> List[bottomup.Prediction]:
+def predict_records(runner: BottomUp, records: Sequence[Mapping[str, Any]],
+                    timing: Optional[Dict[str, float]] = None) -> List[Prediction]:
   """Runs the bottom-up inference on every record's image (read from 'file', or given as 'image')."""
   timing = timing if timing is not None else {}
   predictions = []
@@ -229,7 +191,7 @@ def predict_records(runner: bottomup.BottomUp, records: Sequence[Mapping[str, An
     t0 = time.perf_counter()
     maps = runner.maps(image)
     t1 = time.perf_counter()
-    predictions.append(bottomup.predict_from_maps(maps, runner.groups, runner.params))
+    predictions.append(predict_from_maps(maps, runner.groups, runner.params))
     t2 = time.perf_counter()
     t_read += t0 - start
     t_net += t1 - t0        # dispatch only: the device work finishes inside the grouping's first read
@@ -240,7 +202,7 @@ def predict_records(runner: bottomup.BottomUp, records: Sequence[Mapping[str, An
 
 def evaluate_bottomup(config, apply_fn, variables, image_records: Sequence[Mapping[str, Any]], *,
                       workdir: Optional[str] = None, name: str = "val", details: bool = False,
-                      runner: Optional[bottomup.BottomUp] = None, mpii_gt: Optional[Mapping[str, Any]] = None):
+                      runner: Optional[BottomUp] = None, mpii_gt: Optional[Mapping[str, Any]] = None):
   """Evaluates a DEM model on whole images -> OrderedDict of stats by name (COCO: AP, AP .5, ...; CrowdPose: ...,
   AP (E), AP (M), AP (H); MPII: Head, ..., Mean).
 
@@ -251,7 +213,7 @@ def evaluate_bottomup(config, apply_fn, variables, image_records: Sequence[Mappi
   if not image_records:
     raise ValueError("no evaluation images (check config.data.val_annotations)")
   start = time.perf_counter()
-  runner = runner or bottomup.BottomUp(config, apply_fn, variables)
+  runner = runner or BottomUp(config, apply_fn, variables)
   timing: Dict[str, float] = {}
   predictions = predict_records(runner, image_records, timing)
   t_metric = time.perf_counter()
@@ -283,8 +245,8 @@ def codec_upper_bound(config, records: Optional[Sequence[Mapping[str, Any]]] = N
     record = dict(record)
     record["height"], record["width"] = _image_hw(record)
     sized.append(record)
-  raw = bottomup.upper_bound_predictions(config, sized, flip=flip, scale_factors=scale_factors)
-  predictions = [bottomup.Prediction(r["keypoints"], r["scores"], None) for r in raw]
+  raw = upper_bound_predictions(config, sized, flip=flip, scale_factors=scale_factors)
+  predictions = [Prediction(r["keypoints"], r["scores"], None) for r in raw]
   result = evaluate_predictions(config, sized, predictions, workdir=workdir, name=name, mpii_gt=mpii_gt)
   logging.info("codec upper bound %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in result["stats"].items()))
   if not details:
@@ -312,55 +274,3 @@ def mpii_gt_from_entries(entries: Sequence[Mapping[str, Any]], head_top: int = 9
     boxes[0, :, i] = middle - half
     boxes[1, :, i] = middle + half
   return dict(jnt_missing=missing, pos_gt_src=pos, headboxes_src=boxes)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prediction on arbitrary images / videos.
-
-
-def person_boxes(keypoints: np.ndarray) -> np.ndarray:
-  """(P, 4) [x, y, w, h] around each person's detected joints (for drawing and the results' 'bbox')."""
-  boxes = np.zeros((len(keypoints), 4))
-  for i, person in enumerate(keypoints):
-    present = person[:, 2] > 0
-    if present.any():
-      low, high = person[present, :2].min(axis=0), person[present, :2].max(axis=0)
-      boxes[i] = [low[0], low[1], high[0] - low[0], high[1] - low[1]]
-  return boxes
-
-
-def predict_images(config, variables, apply_fn, input_path: str, output: str, *, draw_threshold: Optional[float] = None,
-                   max_frames: int = 0, render: bool = True, runner: Optional[bottomup.BottomUp] = None
-                   ) -> Dict[str, Any]:
-  """Bottom-up poses for every image / frame of `input_path` (an image, a folder, a video): writes
-  `output/keypoints.json` (COCO results with image_file, frame, bbox around the joints) and the pictures, as
-  `meme_jax.predict.run` does for top-down models. Returns {'results', 'keypoints_file', 'rendered'}."""
-  from meme_jax import predict  # pylint: disable=import-outside-toplevel
-  from meme_jax import visualize  # pylint: disable=import-outside-toplevel
-  from meme_jax.metrics import coco  # pylint: disable=import-outside-toplevel
-  os.makedirs(output, exist_ok=True)
-  runner = runner or bottomup.BottomUp(config, apply_fn, variables)
-  kind, files = predict.list_inputs(input_path)
-  threshold = float(config.test.get("detection_threshold", 0.1)) if draw_threshold is None else float(draw_threshold)
-  renderer = predict.Renderer(output, kind, files[0] if kind == "video" else input_path,
-                              visualize.skeleton_for(config.data.get("dataset", "coco")), threshold,
-                              predict.video_fps(files[0]) if kind == "video" else 25.0) if render else None
-  results: List[Dict[str, Any]] = []
-  count = 0
-  for frame in predict.iterate_frames(kind, files, max_frames):
-    prediction = runner(frame.image)
-    poses = to_annotation_order(config, np.asarray(prediction.keypoints))
-    boxes = person_boxes(poses)
-    extra = {"image_file": [frame.file_name] * len(poses), "bbox": [b.round(2).tolist() for b in boxes]}
-    if frame.frame >= 0:
-      extra["frame"] = [frame.frame] * len(poses)
-    results.extend(coco.results_json([frame.image_id] * len(poses), poses, prediction.scores, 1, extra))
-    if renderer is not None:
-      renderer.write(frame, poses, boxes, np.asarray(prediction.scores))
-    count += 1
-  if renderer is not None:
-    renderer.close()
-  keypoints_file = coco.write_json(os.path.join(output, "keypoints.json"), results)
-  logging.info("%d poses in %d %s -> %s", len(results), count, "frames" if kind == "video" else "images",
-               keypoints_file)
-  return dict(results=results, keypoints_file=keypoints_file, rendered=renderer.written if renderer else [])
