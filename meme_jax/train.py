@@ -338,7 +338,8 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   # initialised: on a CPU each takes minutes on one core. Compiling first also shows a shape or sharding error
   # before any data is read, and separates compile time from training time.
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  compiling = pool.submit(_timed, lambda: step_fn.lower(abstract, batch_spec(task, batch_per_process, mesh)).compile())
+  spec = batch_spec(task, batch_per_process, mesh)
+  compiling = pool.submit(_timed, lambda: step_fn.lower(abstract, spec).compile())
   try:
     t = time.time()
     state = create_state(initial_variables(model, config, init_rng), tx, state_rng, mesh)

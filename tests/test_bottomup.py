@@ -1,7 +1,7 @@
-"""DEM bottom-up inference (meme_jax.bottomup.inference) and evaluation (meme_jax.bottomup.evaluation): test-time sizes, the
-bilinear projection, the flip merge (against the codec's own mirror), offset de-normalisation at every scale and
-aspect, the codec upper bound on the real COCO / CrowdPose / MPII samples through COCOeval / xtcocotools / PCKh, the
-network path with a small DEM, the predict path and the benchmarks."""
+"""DEM bottom-up inference (meme_jax.bottomup.inference) and evaluation (meme_jax.bottomup.evaluation): test-time
+sizes, the bilinear projection, the flip merge (against the codec's own mirror), offset de-normalisation at every
+scale and aspect, the codec upper bound on the real COCO / CrowdPose / MPII samples through COCOeval / xtcocotools /
+PCKh, the network path with a small DEM, the predict path and the benchmarks."""
 import dataclasses
 import json
 import math
@@ -18,6 +18,7 @@ from meme_jax.bottomup import benchmark as bottomup_benchmark
 from meme_jax.bottomup import evaluation as evaluate_bottomup
 from meme_jax.bottomup import grouping
 from meme_jax.bottomup import inference as bottomup
+from meme_jax.bottomup import predict as bottomup_predict
 from meme_jax.bottomup import scenes
 from meme_jax.codecs.dem import DEMCodec
 from meme_jax.models import build_model
@@ -244,8 +245,8 @@ def test_evaluate_bottomup_and_predict_images(tiny_coco, tmp_path):
   assert all(len(p.scores) == 20 for p in result["predictions"])
   with open(result["results_file"], encoding="utf-8") as f:
     assert len(json.load(f)) == 40
-  out = evaluate_bottomup.predict_images(config, variables, apply_fn, records[0]["file"], str(tmp_path / "pred"),
-                                         runner=runner)
+  out = bottomup_predict.predict_images(config, variables, apply_fn, records[0]["file"], str(tmp_path / "pred"),
+                                        runner=runner)
   assert os.path.isfile(out["keypoints_file"]) and len(out["rendered"]) == 1 and os.path.isfile(out["rendered"][0])
   assert len(out["results"]) == 20
   for r in out["results"]:
@@ -270,9 +271,9 @@ def test_grouping_benchmark_ideal_is_perfect_and_noise_costs_accuracy():
   config = COCO
   variants = {"default": grouping.GroupingParams.from_config(config),
               "mrm": dataclasses.replace(grouping.GroupingParams.from_config(config), mrm=True)}
-  ideal = bottomup_benchmark.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320), noise=None,
-                                      min_joint_distance=20)
+  ideal = bottomup_benchmark.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320),
+                                                noise=None, min_joint_distance=20)
   assert ideal["default"]["AP"] == pytest.approx(1.0) and ideal["mrm"]["AP"] == pytest.approx(1.0)
   noisy = bottomup_benchmark.grouping_benchmark(config, variants, num_images=1, num_people=5, image_hw=(240, 320),
-                                      noise=scenes.OutputNoise(location_sigma=(0.03, 0.1)), min_joint_distance=20)
+                                                noise=scenes.OutputNoise(location_sigma=(0.03, 0.1)), min_joint_distance=20)
   assert 0 < noisy["default"]["AP"] < 1.0

@@ -235,9 +235,9 @@ def codec_upper_bound(config, records: Optional[Sequence[Mapping[str, Any]]] = N
                       mpii_gt: Optional[Mapping[str, Any]] = None, flip: Optional[bool] = None,
                       scale_factors: Sequence[float] = (1.0,)):
   """The metric when the network outputs are the ideal maps of the ground truth (training codec targets at each of
-  `scale_factors`, plus the mirror with the flip test) and everything after the network is the evaluation's own path: flip
-  merge, projection, offset de-normalisation, grouping, adjust / refine, back-projection, results JSON, COCOeval /
-  CrowdPose / PCKh. `records` default to `load_image_records(config)`."""
+  `scale_factors`, plus the mirror with the flip test) and everything after the network is the evaluation's own
+  path: flip merge, projection, offset de-normalisation, grouping, adjust / refine, back-projection, results JSON,
+  COCOeval / CrowdPose / PCKh. `records` default to `load_image_records(config)`."""
   if records is None:
     records = load_image_records(config)
   sized = []

@@ -1,7 +1,7 @@
 """DEM person assembly: candidates -> Global Embedding seeds -> AE torso joints -> Local Embedding limbs -> MRM,
-adjust, refine (spec dem 4.4-4.7).
+adjust, refine.
 
-Input: the aggregated maps of one image at the base size (scale 1.0), from `meme_jax.bottomup`:
+Input: the aggregated maps of one image at the base size (scale 1.0), from `meme_jax.bottomup.inference`:
   heatmaps (H, W, K)      K = J joints + the person centre (last channel)
   tags     (H, W, K, T)   T tag samples per pixel (2: the image and its mirror; without flip test the tag is
                           repeated so that distances and TAG_THRESHOLD mean the same thing)
@@ -23,20 +23,21 @@ Steps (each threshold comes from `GroupingParams`, i.e. from `config.test`):
 4. Mutual Refine Machine (`mrm`, on by default), adjust (+0.5 +-0.25 toward the higher neighbour), refine (missing
    joints from the tag-consistent heatmap maximum).
 
-Fixed here against the original code (spec dem 8), each selectable where it changes the original's numbers
+Fixed here against the original code, each selectable where it changes the original's numbers
 (`GroupingParams.original()` reproduces the original parser):
-- I6: a limb joint is attached to a parent only within `parent_distance` pixels, and only if its predicted centre
+- a limb joint is attached to a parent only within `parent_distance` pixels, and only if its predicted centre
   agrees with that parent's person (`parent_center_check`), and only if its parent offset is not ~0
   (`min_parent_offset`: no parent offset is trained where the parent is unlabelled); the original took any distance,
   so a limb whose own parent was missed was forced onto some other person's parent;
-- I8: persons without a centre (started by an unmatched torso joint) take no part in the centre fallback
+- persons without a centre (started by an unmatched torso joint) take no part in the centre fallback
   (the original gave them centre (0, 0), so limbs near the image origin could attach to them) -
   `centerless_fallback`;
-- I16: at most `max_persons` persons per image, the best by score (COCOeval keeps 20 anyway; the original
+- at most `max_persons` persons per image, the best by score (COCOeval keeps 20 anyway; the original
   returned all, up to 30 centres plus every unmatched torso joint);
-- I2: `adjust` is its own switch (the original tied it to `refine`);
-- I7: persons are identified by index, not by their float tag, so equal tags cannot merge two persons;
-- I9: the chain follows the parent table, so any number of torso joints works (MPII has 6).
+- `adjust` is its own switch (the original tied it to `refine`);
+- persons are identified by index, not by their float tag, so equal tags cannot merge two persons;
+- the chain follows the parent table, so any number of torso joints works (MPII has 6; the original chose a
+  table by dataset name, and the MPII yaml's name selected COCO's).
 Candidates that tie exactly inside one NMS window (a plateau, e.g. a peak upsampled 2x) are kept once
 (`dedupe_plateaus`); the original kept every pixel of the plateau as a separate candidate.
 """
@@ -175,7 +176,7 @@ class JointGroups:
 class GroupingParams:
   """Thresholds and switches of candidate extraction and grouping; `from_config` reads them from `config.test`.
 
-  Defaults are the original's values (spec dem 4.8) with the quirks fixed (module docstring);
+  Defaults are the original's test settings with its faults fixed (module docstring);
   `original()` gives the original parser exactly.
   """
   max_num_people: int = 30            # candidates per channel; persons considered in AE matching (MAX_NUM_PEOPLE)
@@ -188,21 +189,22 @@ class GroupingParams:
   use_detection_val: bool = True      # AE cost round(d) * 100 - score (else d)
   ignore_too_much: bool = False       # skip a torso joint type once max_num_people persons exist
   le_distance: float = 70.0           # centre fallback: predicted centre within this many base-map pixels
-  parent_distance: float = 70.0       # predicted parent within this many pixels (I6; inf = original)
+  parent_distance: float = 70.0       # predicted parent within this many pixels (inf = the original)
   limb_matching: str = "greedy"       # 'greedy' (global-min first, the original) | 'hungarian' (min total distance)
   # A limb joint joins a parent's person only if its predicted centre is also within le_distance of that person's
   # centre (when the person has one); else it goes to the centre fallback. Catches limbs whose own parent was not
   # detected (their parent offset points nowhere useful). The original had no such check.
   parent_center_check: bool = True
   # A parent offset shorter than this (base-map pixels) carries no parent: training writes no parent offset where
-  # the parent is unlabelled (the codec's T6 fix), so such a limb joint would match whatever parent lies nearest to
-  # itself. These joints go to the centre fallback. 0 = the original (every candidate takes part).
+  # the parent is unlabelled (the original's targets pointed at the unlabelled (0, 0) parent), so such a limb joint
+  # would match whatever parent lies nearest to itself. These joints go to the centre fallback. 0 = the original
+  # (every candidate takes part).
   min_parent_offset: float = 1.0
-  centerless_fallback: bool = False   # I8: True lets centre-less persons (centre (0, 0)) take part, as the original
+  centerless_fallback: bool = False   # True lets centre-less persons (centre (0, 0)) take part, as the original
   dedupe_plateaus: bool = True        # keep one candidate per exactly-tied plateau inside an NMS window
-  # Mutual Refine Machine before adjust (spec dem 4.7; the original never called it). On by default: it raised COCO
-  # AP on the crowded synthetic benchmark (`python -m meme_jax.bottomup --grouping-benchmark`) where offsets are
-  # more precise than unsure heatmap peaks, and costs a little where offsets are the noisier part.
+  # Mutual Refine Machine before adjust (the original implements it but never calls it). On by default: it raised
+  # COCO AP on the crowded synthetic benchmark (`python -m meme_jax.bottomup.benchmark --grouping_benchmark`)
+  # where offsets are more precise than unsure heatmap peaks, and costs a little where offsets are the noisier part.
   mrm: bool = True
   mrm_threshold: float = 0.75         # a joint supports a neighbour when its score exceeds this and the neighbour's
   adjust: bool = True                 # +0.5 +-0.25 quarter-pixel shift toward the higher neighbour
@@ -317,7 +319,7 @@ def _peaks(heatmaps, tags, offsets, *, top_k: int, nms_kernel: int, center_kerne
 
 
 def extract_candidates(heatmaps, tags, offsets, params: GroupingParams) -> Candidates:
-  """Candidate joints and centres of one image (spec dem 4.4), as numpy arrays."""
+  """Candidate joints and centres of one image, as numpy arrays."""
   height, width, k = heatmaps.shape
   top_k = min(params.max_num_people, height * width)
   scores, xy, tags_at, offsets_at = jax.device_get(_peaks(
@@ -391,7 +393,7 @@ class _People:
 
 
 def assemble(cands: Candidates, groups: JointGroups, params: GroupingParams) -> Tuple[np.ndarray, np.ndarray]:
-  """Groups candidates into persons (spec dem 4.5 A-D). Returns (persons (P, K, 5) in base-map pixels, columns x,
+  """Groups candidates into persons (steps 2 A-D of the module docstring). Returns (persons (P, K, 5) in base-map pixels, columns x,
   y, score, e1, e2 where (e1, e2) is the tag pair for torso joints and the centre and the offset to the parent
   (hierarchical joints) or to the centre (centre-only joints); has_center (P,) bool). Persons without any joint
   score are dropped; order is creation order."""
@@ -517,7 +519,7 @@ def person_scores(persons: np.ndarray, num_joints: int) -> np.ndarray:
 
 
 def mutual_refine(persons: np.ndarray, groups: JointGroups, threshold: float) -> np.ndarray:
-  """Mutual Refine Machine (spec dem 4.7) on (P, >=J, 5) persons; returns refined copies.
+  """Mutual Refine Machine on (P, >=J, 5) persons; returns refined copies.
 
   A present joint j (score c_j > 0) is pulled toward where its confident kinematic neighbours place it: its parent
   predicts p_parent - o_j (o_j = j's offset to the parent), each child predicts p_child + o_child. A neighbour
@@ -606,8 +608,8 @@ def _bucket(n: int) -> int:
 def adjust_and_refine(persons: np.ndarray, heatmaps, tags, num_joints: int, *, adjust: bool = True,
                       refine: bool = True) -> np.ndarray:
   """Adjust present joints by a quarter pixel toward the higher neighbour (+0.5, the pixel centre), then fill each
-  person's missing joints at argmax(heat_k - round(|tag_k - person's mean tag|)) if the heat there is > 0 (spec dem
-  4.6). Works on persons (P, K, 5) in base-map pixels; returns a copy."""
+  person's missing joints at argmax(heat_k - round(|tag_k - person's mean tag|)) if the heat there is > 0, as the
+  original. Works on persons (P, K, 5) in base-map pixels; returns a copy."""
   out = persons.copy()
   if not len(persons) or not (adjust or refine):
     return out

@@ -4,8 +4,8 @@ Each training person's joints are expressed in its box frame, `(joint - center) 
 with the center and the padded, aspect-fixed scale the crops use; the baseline pose is the mean
 over the persons on whom a joint is labelled. For every evaluation record it is mapped back through that record's
 center and scale, with confidence 1 for every joint, and scored by the same metric code as a model's predictions
-(`meme_jax.topdown.evaluation.evaluate_keypoints`: rescoring, OKS-NMS, pycocotools COCOeval or PCKh). A trained model must
-beat it by a wide margin: it knows where people usually are in a box and nothing about the image.
+(`meme_jax.topdown.evaluation.evaluate_keypoints`: rescoring, OKS-NMS, pycocotools COCOeval or PCKh). A trained model
+must beat it by a wide margin: it knows where people usually are in a box and nothing about the image.
 """
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
