@@ -10,7 +10,7 @@ from typing import Sequence, Tuple
 import ml_collections
 
 from configs import common
-from meme_jax import keypoints
+from meme_jax.codecs.dem import JointGroups
 
 # Joint groups per keypoint convention (spec dem 2.1). Hierarchical joints' parents are "index - 2" in all three.
 JOINT_GROUPS = {
@@ -39,29 +39,6 @@ def hrnet_stages(width: int, num_blocks: int = 4, stage_modules: Tuple[int, int,
   return stages
 
 
-def offset_flip_index(num_joints: int, flip_index: Sequence[int], rjg_tag, ljg_center_only) -> Tuple[int, ...]:
-  """Channel permutation of the offset maps under a horizontal flip: `flipped[c] = original[perm[c]]`.
-
-  Channels are laid out by joint index, skipping tag-grouped (RJG) joints: 2 channels (dy, dx) per centre-only
-  joint, 4 (dy, dx to the parent, dy, dx to the centre) per hierarchical joint (spec dem 2.4). The group of joint j
-  takes the channels of the group of its mirror joint (spec dem 4.2); the sign of dx is the decoder's business.
-  """
-  start, width = {}, {}
-  pos = 0
-  for j in range(num_joints):
-    if j in rjg_tag:
-      continue
-    start[j], width[j] = pos, 2 if j in ljg_center_only else 4
-    pos += width[j]
-  perm = []
-  for j in sorted(start):
-    mirror = flip_index[j]
-    if width.get(mirror) != width[j]:
-      raise ValueError(f"joint {j} and its mirror {mirror} are in different joint groups")
-    perm.extend(range(start[mirror], start[mirror] + width[j]))
-  return tuple(perm)
-
-
 def keypoint_facts(dataset: str, joint_order: Sequence[int] = ()) -> ml_collections.ConfigDict:
   """`common.dataset_keypoints`, re-indexed to the network joint order when `joint_order` is given."""
   facts = common.dataset_keypoints(dataset)
@@ -77,16 +54,17 @@ def keypoint_facts(dataset: str, joint_order: Sequence[int] = ()) -> ml_collecti
 
 def joint_group_fields(dataset: str, num_joints: int, flip_pairs) -> dict:
   """Joint groups, parents, offset channel count and flip permutations (with the centre) of one dataset."""
-  groups = JOINT_GROUPS[dataset]
-  flip = tuple(int(i) for i in keypoints.flip_permutation(num_joints, flip_pairs)) + (num_joints,)
+  names = JOINT_GROUPS[dataset]
+  groups = JointGroups.build(num_joints, names["rjg_tag"], names["ljg_with_hier"], names["ljg_center_only"],
+                             flip_pairs=flip_pairs)
   return dict(
-      rjg_tag=groups["rjg_tag"],
-      ljg_with_hier=groups["ljg_with_hier"],
-      ljg_parents=tuple(j - 2 for j in groups["ljg_with_hier"]),
-      ljg_center_only=groups["ljg_center_only"],
-      num_offsets=2 * len(groups["ljg_center_only"]) + 4 * len(groups["ljg_with_hier"]),
-      flip_index=flip,
-      offset_flip_index=offset_flip_index(num_joints, flip, groups["rjg_tag"], groups["ljg_center_only"]),
+      rjg_tag=groups.rjg,
+      ljg_with_hier=groups.ljg_with_hier,
+      ljg_parents=groups.parents,
+      ljg_center_only=groups.ljg_center_only,
+      num_offsets=groups.num_offsets,
+      flip_index=groups.flip_index,
+      offset_flip_index=tuple(int(c) for c in groups.offset_flip_permutation()),
   )
 
 
