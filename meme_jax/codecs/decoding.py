@@ -15,10 +15,12 @@ Refinements (`post_process`):
   takes no heatmap shift.
 - 'none': the integer argmax.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
+
+from meme_jax.keypoints import flip_permutation
 
 POST_PROCESS_CHOICES = ("quarter", "dark", "udp", "none")
 
@@ -45,14 +47,6 @@ def dark_kernel_size(sigma: float) -> int:
 
 # -------------------------------------------------------------------------------------------------------------
 # Flip test.
-
-def flip_permutation(num_joints: int, flip_pairs: Sequence[Sequence[int]]) -> np.ndarray:
-  """`perm` with `flipped[..., j] = original[..., perm[j]]` for a horizontal mirror."""
-  perm = np.arange(num_joints)
-  for a, b in flip_pairs:
-    perm[a], perm[b] = b, a
-  return perm
-
 
 def flip_back(heatmaps, flip_pairs):
   """Heatmaps of a mirrored input -> heatmaps in the original frame: reverse W, swap left/right channels."""
