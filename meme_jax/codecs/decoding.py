@@ -29,6 +29,7 @@ def _xp(x):
   """numpy for numpy input, jax.numpy otherwise (JAX arrays and tracers)."""
   if isinstance(x, (np.ndarray, np.generic)):
     return np
+  # Imported here: the data pipeline's worker processes use this module and never import jax.
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return jnp
 
@@ -153,6 +154,7 @@ def gaussian_blur(maps, kernel_size: int, border: str = "zero"):
         acc = acc + np.float32(w) * out[tuple(sl)]
       out = acc
     return out
+  # Imported here for the reason given in `_xp`.
   from jax import lax  # pylint: disable=import-outside-toplevel
   x = padded.reshape((n * j, 1) + padded.shape[2:])
   dims = ("NCHW", "OIHW", "NCHW")
