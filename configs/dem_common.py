@@ -1,4 +1,4 @@
-"""Shared parts of the double-embedding (DEM) experiment configs (spec dem; yamls `experiments/*/higher_hrnet/*.yaml`).
+"""Shared parts of the double-embedding (DEM) experiment configs (the original's `experiments/*/higher_hrnet/*.yaml`).
 
 Field names mirror the original yamls where one exists: `model.stage2/3/4` and `model.deconv` are `MODEL.EXTRA`,
 `data.rjg_tag/ljg_with_hier/ljg_center_only` are `DATASET.RJG_TAG/...`, `data.output_size` is `DATASET.OUTPUT_SIZE`,
@@ -12,7 +12,8 @@ import ml_collections
 from configs import common
 from meme_jax.codecs.dem import JointGroups
 
-# Joint groups per keypoint convention (spec dem 2.1). Hierarchical joints' parents are "index - 2" in all three.
+# Joint groups per keypoint convention, the yamls' DATASET.RJG_TAG / LJG_WITH_HIER / LJG_CENTER_ONLY. Hierarchical
+# joints' parents are "index - 2" in all three.
 JOINT_GROUPS = {
     "coco": dict(rjg_tag=(5, 6, 11, 12), ljg_with_hier=(7, 8, 9, 10, 13, 14, 15, 16),
                  ljg_center_only=(0, 1, 2, 3, 4)),
@@ -94,18 +95,18 @@ def bottomup_data(dataset: str, input_size: int) -> ml_collections.ConfigDict:
   # Annotations are re-indexed so that network joint k is annotation joint joint_order[k]; () = as annotated.
   data.joint_order = MPII_TO_OUR_ORDER if dataset == "mpii" else ()
   data.update(keypoint_facts(dataset, data.joint_order))
-  data.with_center = True               # point num_joints = person centre (mean of labelled joints), spec 2.2
+  data.with_center = True               # point num_joints = person centre (mean of labelled joints)
   data.update(joint_group_fields(dataset, data.num_joints, data.flip_pairs))
   data.image_size = (input_size, input_size)               # (W, H), DATASET.INPUT_SIZE
   data.output_size = (input_size // 4, input_size // 2)    # square target maps per stage, DATASET.OUTPUT_SIZE
   data.sigma = 2.0                      # Gaussian sigma in map pixels, both stages
   data.offset_radius = 7                # LE offset window half-size (15x15), both stages (hard-coded tau)
   data.max_num_people = 30              # DATASET.MAX_NUM_PEOPLE: AE index rows, top-k at test
-  # The original's target bugs, off by default (spec dem 8 T5, T6); on only to reproduce its training targets.
-  data.original_offset_overlap = False  # True: last-writer / count offsets where people overlap (T5)
-  data.offsets_to_invisible_parents = False   # True: offsets to unlabelled parents (T6)
+  # The original's target bugs, off by default; on only to reproduce its training targets.
+  data.original_offset_overlap = False  # True: last-writer / count offsets where people overlap
+  data.offsets_to_invisible_parents = False   # True: offsets to unlabelled parents
   data.read_threads = 4                 # decode/augment threads when num_workers == 0
-  # Augmentation (training only), spec 5: random affine then flip.
+  # Augmentation (training only), as the original: random affine then flip.
   data.scale_type = "short"
   data.min_scale = 0.75
   data.max_scale = 1.5
@@ -129,8 +130,9 @@ def model_section(width: int, num_joints: int, num_offsets: int) -> ml_collectio
   # 'bilinear' (align_corners=False) as the double-embedding code | 'nearest' as upstream HigherHRNet / ImageNet HRNet.
   model.fuse_upsample = "bilinear"
   # 'normal': N(0, 0.001) convs, as upstream HigherHRNet's init_weights (the default: it learns). 'torch': PyTorch's
-  # default init, what the released training script ran (spec T1); its outputs start at about 1 where targets are
-  # sparse peaks in [0, 1], and the tiny model collapses to all-zero heatmaps instead of learning them.
+  # default init, what the released training script ran (it never calls init_weights); its outputs start at about
+  # 1 where targets are sparse peaks in [0, 1], and the tiny model collapses to all-zero heatmaps instead of learning
+  # them.
   model.init = "normal"
   model.dtype = "float32"               # compute dtype; train.mixed_precision overrides it for training
   model.update(hrnet_stages(width))
@@ -139,7 +141,7 @@ def model_section(width: int, num_joints: int, num_offsets: int) -> ml_collectio
 
 
 def loss_section(offsets_factor: float) -> ml_collections.ConfigDict:
-  """LOSS.* (spec dem 3). Index s of each pair is output stage s (1/4 then 1/2 resolution)."""
+  """The yamls' LOSS.*. Index s of each pair is output stage s (1/4 then 1/2 resolution)."""
   loss = ml_collections.ConfigDict()
   loss.num_stages = 2
   loss.heatmaps_loss_factor = (1.0, 1.0)
@@ -154,7 +156,7 @@ def loss_section(offsets_factor: float) -> ml_collections.ConfigDict:
 
 
 def train_section(batch_size: int) -> ml_collections.ConfigDict:
-  """Adam 1e-3 without weight decay, x0.1 at epochs 200 and 260, 300 epochs (spec dem 5)."""
+  """The yamls' recipe: Adam 1e-3 without weight decay, x0.1 at epochs 200 and 260, 300 epochs."""
   train = common.train_defaults()
   train.batch_size = batch_size         # TRAIN.IMAGES_PER_GPU x 1 GPU
   train.num_epochs = 300
@@ -172,7 +174,7 @@ def train_section(batch_size: int) -> ml_collections.ConfigDict:
 
 
 def test_section(scale_factors: Sequence[float]) -> ml_collections.ConfigDict:
-  """TEST.* and the thresholds the original hard-codes (spec dem 4.8)."""
+  """TEST.* and the thresholds the original hard-codes."""
   test = ml_collections.ConfigDict()
   test.batch_size = 1                   # IMAGES_PER_GPU (images differ in size)
   test.scale_factors = tuple(float(s) for s in scale_factors)
@@ -185,8 +187,9 @@ def test_section(scale_factors: Sequence[float]) -> ml_collections.ConfigDict:
   test.center_threshold = 0.01          # person centres
   test.le_distance = 70.0               # local-embedding matching radius, base-map pixels
   test.mrm_threshold = 0.75
-  # The released pipeline never calls MRM (I1); the paper presents it as part of the method, and on the synthetic
-  # crowded benchmark it helps slightly (python -m meme_jax.bottomup --grouping-benchmark), so it is on.
+  # The released pipeline never calls MRM (its call is commented out); the paper presents it as part of the method,
+  # and on the synthetic crowded benchmark it helps slightly (python -m meme_jax.bottomup --grouping-benchmark), so
+  # it is on.
   test.mrm = True
   test.max_num_people = 30
   test.use_detection_val = True
@@ -207,8 +210,9 @@ def build(name: str, dataset: str, width: int, input_size: int, batch_size: int,
   config.train = train_section(batch_size)
   config.test = test_section(scale_factors)
   config.init = common.init_defaults()
-  # The original trains from PyTorch's default init (spec T1). Upstream intended an ImageNet HRNet backbone, e.g.
-  # hrnet_w32-36af842e.pth (read with meme_jax.pretrained.backbone_variables_from_torch).
+  # The original trains from PyTorch's default init (its training script never calls init_weights). Upstream
+  # intended an ImageNet HRNet backbone, e.g. hrnet_w32-36af842e.pth (read with
+  # meme_jax.pretrained.backbone_variables_from_torch).
   config.init.backbone = ""
   return config
 

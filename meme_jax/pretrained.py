@@ -6,7 +6,7 @@ trainer merges them over freshly initialised variables.
 
 EEffPose.
 
-The original `get_pose_net` (spec eeffpose 3) initialises, in this order:
+The original `get_pose_net` initialises, in this order:
 1. the whole timm backbone from the ImageNet classification weights (`tf_efficientnet_b0_aa` / `b2_aa`); the
    copied HRB branches are deep copies taken afterwards, so every copy of stage2[-1] / stage4[-1] carries those
    ImageNet weights;

@@ -4,8 +4,9 @@ Every array function here takes heatmaps NHWC-style, `(..., H, W, J)`, and works
 arrays inside `jit` (the evaluation runs the whole decode on the accelerator and brings back only `(N, J, 3)`).
 
 Refinements (`post_process`):
-- 'quarter': the original HRNet/EEffPose rule (spec eeffpose 5.2): from the integer argmax, move a quarter pixel
-  towards the larger neighbour, only when `1 < px < W-1` and `1 < py < H-1` (strict: row/column 1 is excluded).
+- 'quarter': the original HRNet/EEffPose rule, which its reported accuracy was measured with: from the integer
+  argmax, move a quarter pixel towards the larger neighbour, only when `1 < px < W-1` and `1 < py < H-1` (strict:
+  row/column 1 is excluded, a quirk kept so that results match the original's).
 - 'dark': distribution-aware decoding (Zhang et al., CVPR 2020): blur the map with a Gaussian (zero border), rescale
   it to its original maximum, take the log and move to the maximum of its second-order Taylor expansion. Works with
   models trained on the original targets.
@@ -278,7 +279,7 @@ def heatmap_to_image(coords, center, scale, heatmap_size: Tuple[int, int], udp: 
 
 
 def rescore(maxvals, box_scores, in_vis_thre: float) -> np.ndarray:
-  """Person score = mean of the joint confidences above `in_vis_thre` (0 if none) x box score (spec 5.3)."""
+  """Person score = mean of the joint confidences above `in_vis_thre` (0 if none) x box score."""
   maxvals = np.asarray(maxvals, dtype=np.float64)
   above = maxvals > in_vis_thre
   count = above.sum(axis=-1)

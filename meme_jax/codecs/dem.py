@@ -2,7 +2,8 @@
 
 `JointGroups` says which joints are grouped by tags and which by offsets, each limb joint's parent, the mirror
 permutation and where each joint's offsets sit in the offset maps; grouping and flip test read it. `DEMCodec` turns
-people into the training targets (heatmaps, Local-Embedding offsets, AE index lists) and mirrors target maps.
+people into the training targets (heatmaps, Local-Embedding offsets, AE index lists) and mirrors maps laid out
+like them.
 
 People are arrays `(N, K, 3)` of (x, y, v) in the pixel frame of one output resolution r (square r x r maps), with
 K = J + 1: the dataset's J joints and the person centre as the last point. The maps are NHWC like the model's outputs:

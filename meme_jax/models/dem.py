@@ -1,5 +1,5 @@
 """The double-embedding (DEM) network: HigherHRNet-style HRNet, then a Local-Embedding offset head and a
-Global-Embedding heatmap + tag head (spec dem 1.1-1.4).
+Global-Embedding heatmap + tag head.
 
     y0 = backbone(image)                                       # (N, H/4, W/4, c), c = stage4 channels[0]
     for head in (offsets: stem1, final_layers_off, deconv_layers_off;  heatmaps+tags: stem2, ..._ae, ..._ae):
