@@ -20,7 +20,7 @@ def dataset_keypoints(dataset: str) -> ml_collections.ConfigDict:
 
 
 def topdown_data(dataset: str, image_size, heatmap_size, sigma: float) -> ml_collections.ConfigDict:
-  """The data section of a top-down experiment (spec eeffpose 4.3-4.4)."""
+  """The data section of a top-down experiment: dataset records and augmentation as the original's."""
   data = ml_collections.ConfigDict()
   data.dataset = dataset              # 'coco' | 'mpii' | 'crowdpose' | 'synthetic' (keypoint convention below)
   data.format = "mpii" if dataset == "mpii" else "coco"   # annotation file format
@@ -82,7 +82,7 @@ def synthetic_data(config: ml_collections.ConfigDict, root: str, *, train_images
 
 
 def train_defaults() -> ml_collections.ConfigDict:
-  """The optimiser and loop of the original EEffPose runs as the code really ran (spec eeffpose 4.2)."""
+  """The optimiser and loop of the original EEffPose runs as its code really ran them (not as its yamls say)."""
   train = ml_collections.ConfigDict()
   train.batch_size = 64           # global batch (16 per GPU x 4 GPUs in the original)
   train.num_epochs = 210          # after the warm-up epochs (215 epochs in all)

@@ -1,4 +1,4 @@
-"""Shared parts of the double-embedding (DEM) experiment configs (spec dem; yamls `experiments/*/higher_hrnet/*.yaml`).
+"""Shared parts of the double-embedding (DEM) experiment configs (the original's `experiments/*/higher_hrnet/*.yaml`).
 
 Field names mirror the original yamls where one exists: `model.stage2/3/4` and `model.deconv` are `MODEL.EXTRA`,
 `data.rjg_tag/ljg_with_hier/ljg_center_only` are `DATASET.RJG_TAG/...`, `data.output_size` is `DATASET.OUTPUT_SIZE`,
@@ -10,9 +10,10 @@ from typing import Sequence, Tuple
 import ml_collections
 
 from configs import common
-from meme_jax import keypoints
+from meme_jax.codecs.dem import JointGroups
 
-# Joint groups per keypoint convention (spec dem 2.1). Hierarchical joints' parents are "index - 2" in all three.
+# Joint groups per keypoint convention, the yamls' DATASET.RJG_TAG / LJG_WITH_HIER / LJG_CENTER_ONLY. Hierarchical
+# joints' parents are "index - 2" in all three.
 JOINT_GROUPS = {
     "coco": dict(rjg_tag=(5, 6, 11, 12), ljg_with_hier=(7, 8, 9, 10, 13, 14, 15, 16),
                  ljg_center_only=(0, 1, 2, 3, 4)),
@@ -39,29 +40,6 @@ def hrnet_stages(width: int, num_blocks: int = 4, stage_modules: Tuple[int, int,
   return stages
 
 
-def offset_flip_index(num_joints: int, flip_index: Sequence[int], rjg_tag, ljg_center_only) -> Tuple[int, ...]:
-  """Channel permutation of the offset maps under a horizontal flip: `flipped[c] = original[perm[c]]`.
-
-  Channels are laid out by joint index, skipping tag-grouped (RJG) joints: 2 channels (dy, dx) per centre-only
-  joint, 4 (dy, dx to the parent, dy, dx to the centre) per hierarchical joint (spec dem 2.4). The group of joint j
-  takes the channels of the group of its mirror joint (spec dem 4.2); the sign of dx is the decoder's business.
-  """
-  start, width = {}, {}
-  pos = 0
-  for j in range(num_joints):
-    if j in rjg_tag:
-      continue
-    start[j], width[j] = pos, 2 if j in ljg_center_only else 4
-    pos += width[j]
-  perm = []
-  for j in sorted(start):
-    mirror = flip_index[j]
-    if width.get(mirror) != width[j]:
-      raise ValueError(f"joint {j} and its mirror {mirror} are in different joint groups")
-    perm.extend(range(start[mirror], start[mirror] + width[j]))
-  return tuple(perm)
-
-
 def keypoint_facts(dataset: str, joint_order: Sequence[int] = ()) -> ml_collections.ConfigDict:
   """`common.dataset_keypoints`, re-indexed to the network joint order when `joint_order` is given."""
   facts = common.dataset_keypoints(dataset)
@@ -77,16 +55,17 @@ def keypoint_facts(dataset: str, joint_order: Sequence[int] = ()) -> ml_collecti
 
 def joint_group_fields(dataset: str, num_joints: int, flip_pairs) -> dict:
   """Joint groups, parents, offset channel count and flip permutations (with the centre) of one dataset."""
-  groups = JOINT_GROUPS[dataset]
-  flip = tuple(int(i) for i in keypoints.flip_permutation(num_joints, flip_pairs)) + (num_joints,)
+  names = JOINT_GROUPS[dataset]
+  groups = JointGroups.build(num_joints, names["rjg_tag"], names["ljg_with_hier"], names["ljg_center_only"],
+                             flip_pairs=flip_pairs)
   return dict(
-      rjg_tag=groups["rjg_tag"],
-      ljg_with_hier=groups["ljg_with_hier"],
-      ljg_parents=tuple(j - 2 for j in groups["ljg_with_hier"]),
-      ljg_center_only=groups["ljg_center_only"],
-      num_offsets=2 * len(groups["ljg_center_only"]) + 4 * len(groups["ljg_with_hier"]),
-      flip_index=flip,
-      offset_flip_index=offset_flip_index(num_joints, flip, groups["rjg_tag"], groups["ljg_center_only"]),
+      rjg_tag=groups.rjg,
+      ljg_with_hier=groups.ljg_with_hier,
+      ljg_parents=groups.parents,
+      ljg_center_only=groups.ljg_center_only,
+      num_offsets=groups.num_offsets,
+      flip_index=groups.flip_index,
+      offset_flip_index=tuple(int(c) for c in groups.offset_flip_permutation()),
   )
 
 
@@ -116,18 +95,18 @@ def bottomup_data(dataset: str, input_size: int) -> ml_collections.ConfigDict:
   # Annotations are re-indexed so that network joint k is annotation joint joint_order[k]; () = as annotated.
   data.joint_order = MPII_TO_OUR_ORDER if dataset == "mpii" else ()
   data.update(keypoint_facts(dataset, data.joint_order))
-  data.with_center = True               # point num_joints = person centre (mean of labelled joints), spec 2.2
+  data.with_center = True               # point num_joints = person centre (mean of labelled joints)
   data.update(joint_group_fields(dataset, data.num_joints, data.flip_pairs))
   data.image_size = (input_size, input_size)               # (W, H), DATASET.INPUT_SIZE
   data.output_size = (input_size // 4, input_size // 2)    # square target maps per stage, DATASET.OUTPUT_SIZE
   data.sigma = 2.0                      # Gaussian sigma in map pixels, both stages
   data.offset_radius = 7                # LE offset window half-size (15x15), both stages (hard-coded tau)
   data.max_num_people = 30              # DATASET.MAX_NUM_PEOPLE: AE index rows, top-k at test
-  # The original's target bugs, off by default (spec dem 8 T5, T6); on only to reproduce its training targets.
-  data.original_offset_overlap = False  # True: last-writer / count offsets where people overlap (T5)
-  data.offsets_to_invisible_parents = False   # True: offsets to unlabelled parents (T6)
+  # The original's target bugs, off by default; on only to reproduce its training targets.
+  data.original_offset_overlap = False  # True: last-writer / count offsets where people overlap
+  data.offsets_to_invisible_parents = False   # True: offsets to unlabelled parents
   data.read_threads = 4                 # decode/augment threads when num_workers == 0
-  # Augmentation (training only), spec 5: random affine then flip.
+  # Augmentation (training only), as the original: random affine then flip.
   data.scale_type = "short"
   data.min_scale = 0.75
   data.max_scale = 1.5
@@ -151,8 +130,9 @@ def model_section(width: int, num_joints: int, num_offsets: int) -> ml_collectio
   # 'bilinear' (align_corners=False) as the double-embedding code | 'nearest' as upstream HigherHRNet / ImageNet HRNet.
   model.fuse_upsample = "bilinear"
   # 'normal': N(0, 0.001) convs, as upstream HigherHRNet's init_weights (the default: it learns). 'torch': PyTorch's
-  # default init, what the released training script ran (spec T1); its outputs start at about 1 where targets are
-  # sparse peaks in [0, 1], and the tiny model collapses to all-zero heatmaps instead of learning them.
+  # default init, what the released training script ran (it never calls init_weights); its outputs start at about
+  # 1 where targets are sparse peaks in [0, 1], and the tiny model collapses to all-zero heatmaps instead of learning
+  # them.
   model.init = "normal"
   model.dtype = "float32"               # compute dtype; train.mixed_precision overrides it for training
   model.update(hrnet_stages(width))
@@ -161,7 +141,7 @@ def model_section(width: int, num_joints: int, num_offsets: int) -> ml_collectio
 
 
 def loss_section(offsets_factor: float) -> ml_collections.ConfigDict:
-  """LOSS.* (spec dem 3). Index s of each pair is output stage s (1/4 then 1/2 resolution)."""
+  """The yamls' LOSS.*. Index s of each pair is output stage s (1/4 then 1/2 resolution)."""
   loss = ml_collections.ConfigDict()
   loss.num_stages = 2
   loss.heatmaps_loss_factor = (1.0, 1.0)
@@ -176,7 +156,7 @@ def loss_section(offsets_factor: float) -> ml_collections.ConfigDict:
 
 
 def train_section(batch_size: int) -> ml_collections.ConfigDict:
-  """Adam 1e-3 without weight decay, x0.1 at epochs 200 and 260, 300 epochs (spec dem 5)."""
+  """The yamls' recipe: Adam 1e-3 without weight decay, x0.1 at epochs 200 and 260, 300 epochs."""
   train = common.train_defaults()
   train.batch_size = batch_size         # TRAIN.IMAGES_PER_GPU x 1 GPU
   train.num_epochs = 300
@@ -194,7 +174,7 @@ def train_section(batch_size: int) -> ml_collections.ConfigDict:
 
 
 def test_section(scale_factors: Sequence[float]) -> ml_collections.ConfigDict:
-  """TEST.* and the thresholds the original hard-codes (spec dem 4.8)."""
+  """TEST.* and the thresholds the original hard-codes."""
   test = ml_collections.ConfigDict()
   test.batch_size = 1                   # IMAGES_PER_GPU (images differ in size)
   test.scale_factors = tuple(float(s) for s in scale_factors)
@@ -207,8 +187,9 @@ def test_section(scale_factors: Sequence[float]) -> ml_collections.ConfigDict:
   test.center_threshold = 0.01          # person centres
   test.le_distance = 70.0               # local-embedding matching radius, base-map pixels
   test.mrm_threshold = 0.75
-  # The released pipeline never calls MRM (I1); the paper presents it as part of the method, and on the synthetic
-  # crowded benchmark it helps slightly (python -m meme_jax.bottomup --grouping-benchmark), so it is on.
+  # The released pipeline never calls MRM (its call is commented out); the paper presents it as part of the method,
+  # and on the synthetic crowded benchmark it helps slightly (python -m meme_jax.bottomup --grouping-benchmark), so
+  # it is on.
   test.mrm = True
   test.max_num_people = 30
   test.use_detection_val = True
@@ -229,8 +210,9 @@ def build(name: str, dataset: str, width: int, input_size: int, batch_size: int,
   config.train = train_section(batch_size)
   config.test = test_section(scale_factors)
   config.init = common.init_defaults()
-  # The original trains from PyTorch's default init (spec T1). Upstream intended an ImageNet HRNet backbone, e.g.
-  # hrnet_w32-36af842e.pth (read with meme_jax.pretrained.backbone_variables_from_torch).
+  # The original trains from PyTorch's default init (its training script never calls init_weights). Upstream
+  # intended an ImageNet HRNet backbone, e.g. hrnet_w32-36af842e.pth (read with
+  # meme_jax.pretrained.backbone_variables_from_torch).
   config.init.backbone = ""
   return config
 

@@ -2,8 +2,10 @@
 
 14 joints + person centre; outputs at 128 and 256: 36 offset channels, 30 heatmap+tag channels at 1/4, 15 heatmaps at
 1/2; 28,761,685 parameters. Trained on trainval, evaluated on test (AP, AP50, AP75, AR, AR50, AR75, AP easy/medium/
-hard). Recipe as `dem_w32_coco` except offsets loss factor 1 and test scales [0.5, 1, 2] (spec I12). The original's
-CrowdPose training and evaluation crash (spec T8, I14), so there is nothing to reproduce numerically.
+hard). Recipe as `dem_w32_coco` except offsets loss factor 1 and test scales [0.5, 1, 2] (what the yaml means: its list,
+written with full-width commas, parses as one string). The original's CrowdPose training crashes (its loader expects
+two offset targets, the generator makes one) and so does its evaluation (it drops the centre row twice, then indexes
+past the end), so there is nothing to reproduce numerically.
 
 Command:
   python -m meme_jax.main --config configs/dem_w32_crowdpose.py --workdir workdir/dem_w32_crowdpose

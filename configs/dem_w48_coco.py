@@ -2,7 +2,8 @@
 
 17 joints + person centre; outputs at 160 and 320; 64,084,362 parameters. As `dem_w32_coco` except: widths
 [48, 96, 192, 384] with a 48-channel deconvolution stage, batch 20, offsets loss factor 1, test scales [0.5, 1, 2]
-(what the yaml's full-width-comma list means, spec I12). No reported accuracy or released weights exist.
+(what the yaml means: its list, written with full-width commas, parses as one string). No reported accuracy or
+released weights exist.
 
 Command:
   python -m meme_jax.main --config configs/dem_w48_coco.py --workdir workdir/dem_w48

@@ -6,7 +6,7 @@ trainer merges them over freshly initialised variables.
 
 EEffPose.
 
-The original `get_pose_net` (spec eeffpose 3) initialises, in this order:
+The original `get_pose_net` initialises, in this order:
 1. the whole timm backbone from the ImageNet classification weights (`tf_efficientnet_b0_aa` / `b2_aa`); the
    copied HRB branches are deep copies taken afterwards, so every copy of stage2[-1] / stage4[-1] carries those
    ImageNet weights;
@@ -103,20 +103,23 @@ def _copy_targets(config, source_prefix: str = "") -> Dict[str, List[str]]:
   return mapping
 
 
+# Keys of each kind a mismatch message shows, besides their count.
+_SHOWN_KEYS = 5
+
+
 def _require(state_dict: Mapping[str, Any], needed, known, source: str, what: str, relevant: str) -> None:
-  """Raises CheckpointMismatchError listing every needed key that is absent and every relevant key not `known`
-  (e.g. the blocks of a deeper EfficientNet)."""
+  """Raises CheckpointMismatchError with the count and the first few of the needed keys that are absent and of the
+  relevant keys not `known` (e.g. the blocks of a deeper EfficientNet). Keys keep the order of `needed` and of the
+  checkpoint, so the first one shown is where the two models part."""
   known = set(known)
-  missing = sorted(k for k in needed if k not in state_dict)
-  unknown = sorted(k for k in state_dict
-                   if re.match(relevant, k) and k not in known and not k.endswith("num_batches_tracked"))
+  missing = [k for k in needed if k not in state_dict]
+  unknown = [k for k in state_dict
+             if re.match(relevant, k) and k not in known and not k.endswith("num_batches_tracked")]
   if missing or unknown:
     parts = [f"{source} is not a {what} for this model.",
              f"The checkpoint looks like: {convert.describe_state_dict(state_dict)}."]
-    if missing:
-      parts.append(f"missing keys ({len(missing)}):\n" + "\n".join(f"  {k}" for k in missing))
-    if unknown:
-      parts.append(f"unexpected keys ({len(unknown)}):\n" + "\n".join(f"  {k}" for k in unknown))
+    parts += [convert._format_keys(title, rows, _SHOWN_KEYS)  # pylint: disable=protected-access
+              for title, rows in (("missing keys", missing), ("unexpected keys", unknown)) if rows]
     raise convert.CheckpointMismatchError("\n".join(parts))
 
 
@@ -143,7 +146,7 @@ def imagenet_state_dict(state_dict: Mapping[str, Any], config, copies_only: bool
   """
   copies = _copy_targets(config)
   stages = _backbone_targets(config, "")
-  needed = set(copies) if copies_only else set(copies) | set(stages)
+  needed = list(copies) if copies_only else list(dict.fromkeys([*stages, *copies]))
   out: Dict[str, Any] = {}
   _require(state_dict, needed, stages, source, "timm tf_efficientnet checkpoint", r"(conv_stem|bn1|blocks)\.")
   if not copies_only:

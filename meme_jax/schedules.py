@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the optimizer, as the original EEffPose code really ran them (spec eeffpose 4.2).
+"""Learning-rate schedules and the optimizer, as the original EEffPose code really ran them (not as its yaml says).
 
 The LR is constant within an epoch and decided on the host: linear warm-up epochs, then one of
 - 'plateau': `torch.optim.lr_scheduler.ReduceLROnPlateau(mode='min', factor, patience, threshold=1e-4 'rel',

@@ -4,8 +4,9 @@ Every array function here takes heatmaps NHWC-style, `(..., H, W, J)`, and works
 arrays inside `jit` (the evaluation runs the whole decode on the accelerator and brings back only `(N, J, 3)`).
 
 Refinements (`post_process`):
-- 'quarter': the original HRNet/EEffPose rule (spec eeffpose 5.2): from the integer argmax, move a quarter pixel
-  towards the larger neighbour, only when `1 < px < W-1` and `1 < py < H-1` (strict: row/column 1 is excluded).
+- 'quarter': the original HRNet/EEffPose rule, which its reported accuracy was measured with: from the integer
+  argmax, move a quarter pixel towards the larger neighbour, only when `1 < px < W-1` and `1 < py < H-1` (strict:
+  row/column 1 is excluded, a quirk kept so that results match the original's).
 - 'dark': distribution-aware decoding (Zhang et al., CVPR 2020): blur the map with a Gaussian (zero border), rescale
   it to its original maximum, take the log and move to the maximum of its second-order Taylor expansion. Works with
   models trained on the original targets.
@@ -15,10 +16,12 @@ Refinements (`post_process`):
   takes no heatmap shift.
 - 'none': the integer argmax.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
+
+from meme_jax.keypoints import flip_permutation
 
 POST_PROCESS_CHOICES = ("quarter", "dark", "udp", "none")
 
@@ -27,6 +30,7 @@ def _xp(x):
   """numpy for numpy input, jax.numpy otherwise (JAX arrays and tracers)."""
   if isinstance(x, (np.ndarray, np.generic)):
     return np
+  # Imported here: the data pipeline's worker processes use this module and never import jax.
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return jnp
 
@@ -45,14 +49,6 @@ def dark_kernel_size(sigma: float) -> int:
 
 # -------------------------------------------------------------------------------------------------------------
 # Flip test.
-
-def flip_permutation(num_joints: int, flip_pairs: Sequence[Sequence[int]]) -> np.ndarray:
-  """`perm` with `flipped[..., j] = original[..., perm[j]]` for a horizontal mirror."""
-  perm = np.arange(num_joints)
-  for a, b in flip_pairs:
-    perm[a], perm[b] = b, a
-  return perm
-
 
 def flip_back(heatmaps, flip_pairs):
   """Heatmaps of a mirrored input -> heatmaps in the original frame: reverse W, swap left/right channels."""
@@ -159,6 +155,7 @@ def gaussian_blur(maps, kernel_size: int, border: str = "zero"):
         acc = acc + np.float32(w) * out[tuple(sl)]
       out = acc
     return out
+  # Imported here for the reason given in `_xp`.
   from jax import lax  # pylint: disable=import-outside-toplevel
   x = padded.reshape((n * j, 1) + padded.shape[2:])
   dims = ("NCHW", "OIHW", "NCHW")
@@ -282,7 +279,7 @@ def heatmap_to_image(coords, center, scale, heatmap_size: Tuple[int, int], udp: 
 
 
 def rescore(maxvals, box_scores, in_vis_thre: float) -> np.ndarray:
-  """Person score = mean of the joint confidences above `in_vis_thre` (0 if none) x box score (spec 5.3)."""
+  """Person score = mean of the joint confidences above `in_vis_thre` (0 if none) x box score."""
   maxvals = np.asarray(maxvals, dtype=np.float64)
   above = maxvals > in_vis_thre
   count = above.sum(axis=-1)

@@ -1,37 +1,42 @@
-"""Double-embedding (DEM) training targets: people -> heatmaps, Local-Embedding offsets and AE index lists.
+"""The double-embedding (DEM) method's joint groups and training targets.
 
-One `DEMCodec` holds every fact the targets depend on (joint groups, parents, flip index, map sizes, sigma, the
-offset window), so the data pipeline, the loss, the grouping code and its tests share one definition
-(spec dem.md sections 2 and 5).
+`JointGroups` says which joints are grouped by tags and which by offsets, each limb joint's parent, the mirror
+permutation and where each joint's offsets sit in the offset maps; grouping and flip test read it. `DEMCodec` turns
+people into the training targets (heatmaps, Local-Embedding offsets, AE index lists) and mirrors maps laid out
+like them.
 
 People are arrays `(N, K, 3)` of (x, y, v) in the pixel frame of one output resolution r (square r x r maps), with
 K = J + 1: the dataset's J joints and the person centre as the last point. The maps are NHWC like the model's outputs:
 heatmaps `(r, r, K)`, offsets `(r, r, num_offset_channels)`.
 
-Targets follow the original generators except for three defects (spec 8), each fixed by default:
-- T5: in the hierarchical and centre channels of limb joints the original overwrote overlapping windows but still
+Targets follow the original generators except for three defects, each fixed by default:
+- in the hierarchical and centre channels of limb joints the original overwrote overlapping windows but still
   counted them, so an overlap held the last person's value divided by the overlap count. Here every offset channel
   holds the average of the people covering the pixel. `original_offset_overlap=True` gives the original maps.
-- T6: the original wrote a limb joint's offset to its parent whenever the parent's coordinates fell inside the map,
+- the original wrote a limb joint's offset to its parent whenever the parent's coordinates fell inside the map,
   even for an unlabelled parent (whose (0, 0) lands anywhere after the affine). Here the parent must be labelled
   (v > 0) as well. `offsets_to_invisible_parents=True` gives the original maps.
-- T9 / T8: the parent table is not guessed from the dataset name: each limb joint's parent comes from the config
-  (`ljg_parents`, default joint index - 2, which is what COCO, CrowdPose and MPII in the original's joint order
-  use), and one offset target per resolution is produced for every dataset (the original CrowdPose loader expected
-  two).
+- the parent table is not guessed from the dataset name (the original picked it by 'coco' in the name, which the
+  MPII yaml also matches): each limb joint's parent comes from the config (`ljg_parents`, default joint index - 2,
+  which is what COCO, CrowdPose and MPII in the original's joint order use), and one offset target per resolution
+  is produced for every dataset (the original CrowdPose loader expected two and crashed).
 Neither flag changes anything a converted checkpoint computes; they exist to reproduce the original training targets.
 Also different from the original, without a flag: AE index lists hold only people with a listed point, and people
-beyond `max_people` of them are left out of the AE loss (the original raised an IndexError past 30 annotations, T12).
+beyond `max_people` of them are left out of the AE loss (the original raised an IndexError past 30 annotations).
 
-Kept as in the original: integer truncation `int(x)` of positions (so x in (-1, 0) lands on column 0), a Gaussian of
-size 6*sigma+3 merged by element-wise max, the offset window of half-size tau = 7 at every resolution, offsets
+Kept as in the original, so that training follows its recipe and converted checkpoints read back the same
+offsets: integer truncation `int(x)` of positions (so x in (-1, 0) lands on column 0), a Gaussian of size
+6*sigma+3 merged by element-wise max, the offset window of half-size tau = 7 at every resolution, offsets
 normalised by Z = sqrt(2) * r, Delta-y before Delta-x in each channel pair.
 """
 import dataclasses
+import functools
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+from meme_jax import keypoints as keypoints_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +56,152 @@ class OffsetGroup:
     return self.channel if self.parent is None else self.channel + 2
 
 
+@dataclasses.dataclass(frozen=True)
+class JointGroups:
+  """Which joints are grouped how, and where each joint's offsets sit in the offset maps.
+
+  Torso joints (`rjg`) are grouped by their tags and have no offset channels. The other joints own channels in joint
+  index order, as the original offset head lays them out: 2 (dy, dx to the centre) per centre-only joint, 4 (dy, dx
+  to the parent, then to the centre) per hierarchical limb joint.
+  `ljg_with_hier` is in processing order (the original's: left/right elbows, wrists, then knees, ankles); each
+  joint's parent is in `parents` (same order), and must be a torso joint or an earlier limb joint, so that grouping
+  finds every parent placed before its child. `flip_index` is the mirror permutation of the K points (the centre
+  last, mapped to itself).
+  """
+  num_joints: int
+  rjg: Tuple[int, ...]
+  ljg_with_hier: Tuple[int, ...]
+  ljg_center_only: Tuple[int, ...]
+  parents: Tuple[int, ...]
+  flip_index: Tuple[int, ...]
+
+  def __post_init__(self):
+    every = sorted(self.rjg + self.ljg_with_hier + self.ljg_center_only)
+    if every != list(range(self.num_joints)):
+      raise ValueError(f"joint groups rjg={self.rjg}, ljg_with_hier={self.ljg_with_hier}, "
+                       f"ljg_center_only={self.ljg_center_only} must split joints 0..{self.num_joints - 1} "
+                       "exactly once")
+    if len(self.parents) != len(self.ljg_with_hier):
+      raise ValueError(f"parents {self.parents} must list one parent per ljg_with_hier joint {self.ljg_with_hier}")
+    placed = set(self.rjg)
+    for joint, parent in zip(self.ljg_with_hier, self.parents):
+      if parent not in placed:
+        raise ValueError(f"limb joint {joint}: parent {parent} is neither a torso (rjg) joint nor a limb joint "
+                         f"processed before it (order {self.ljg_with_hier})")
+      placed.add(joint)
+    if (sorted(self.flip_index) != list(range(self.num_points)) or self.flip_index[-1] != self.center):
+      raise ValueError(f"flip_index {self.flip_index} must permute the {self.num_points} points, centre last")
+
+  @classmethod
+  def build(cls, num_joints: int, rjg: Sequence[int], ljg_with_hier: Sequence[int], ljg_center_only: Sequence[int],
+            parents: Optional[Sequence[int]] = None, flip_pairs: Sequence[Tuple[int, int]] = (),
+            flip_index: Optional[Sequence[int]] = None) -> "JointGroups":
+    """With the defaults filled in: each limb joint's parent is joint index - 2 (the original's table in all its
+    datasets); the mirror permutation comes from the left/right `flip_pairs` unless `flip_index` gives it whole."""
+    num_joints = int(num_joints)
+    ljg_with_hier = tuple(int(j) for j in ljg_with_hier)
+    if parents is None:
+      parents = tuple(j - 2 for j in ljg_with_hier)
+    if flip_index is None:
+      flip_index = tuple(keypoints_lib.flip_permutation(num_joints, flip_pairs)) + (num_joints,)
+    return cls(num_joints=num_joints, rjg=tuple(int(j) for j in rjg), ljg_with_hier=ljg_with_hier,
+               ljg_center_only=tuple(int(j) for j in ljg_center_only), parents=tuple(int(p) for p in parents),
+               flip_index=tuple(int(i) for i in flip_index))
+
+  @classmethod
+  def from_config(cls, config) -> "JointGroups":
+    """From a DEM config's `data` section (configs/dem_common.py): `num_joints`, `rjg_tag`, `ljg_with_hier`,
+    `ljg_center_only`, `ljg_parents` (default joint - 2, as the original), `flip_index` (else `flip_pairs`)."""
+    data = config.data
+    missing = [f for f in ("num_joints", "rjg_tag", "ljg_with_hier", "ljg_center_only") if f not in data]
+    if missing:
+      raise ValueError(f"config.data lacks the DEM joint groups {missing} (see configs/dem_common.py)")
+    return cls.build(data.num_joints, data.rjg_tag, data.ljg_with_hier, data.ljg_center_only,
+                     parents=data.get("ljg_parents", None) or None, flip_pairs=data.get("flip_pairs", ()),
+                     flip_index=data.get("flip_index", None) or None)
+
+  @property
+  def num_points(self) -> int:
+    """K: joints plus the centre (the last index)."""
+    return self.num_joints + 1
+
+  @property
+  def center(self) -> int:
+    return self.num_joints
+
+  @functools.cached_property
+  def offset_layout(self) -> Tuple[OffsetGroup, ...]:
+    """The offset channels of each limb / face joint, in channel order (joint index order, torso joints skipped)."""
+    layout, channel = [], 0
+    for j in range(self.num_joints):
+      if j in self.rjg:
+        continue
+      group = OffsetGroup(j, self.parent_of(j), channel)
+      layout.append(group)
+      channel += group.num_channels
+    return tuple(layout)
+
+  @functools.cached_property
+  def _group_of(self) -> Dict[int, OffsetGroup]:
+    return {g.joint: g for g in self.offset_layout}
+
+  @functools.cached_property
+  def offset_channels(self) -> Dict[int, int]:
+    """First offset channel of each limb / face joint."""
+    return {g.joint: g.channel for g in self.offset_layout}
+
+  @property
+  def num_offsets(self) -> int:
+    return sum(g.num_channels for g in self.offset_layout)
+
+  def centre_offset_channels(self, joint: int) -> Tuple[int, int]:
+    """(dx, dy) channels of the joint's offset to its person's centre."""
+    c = self._group_of[joint].center_channel
+    return c + 1, c
+
+  def parent_offset_channels(self, joint: int) -> Tuple[int, int]:
+    """(dx, dy) channels of a hierarchical joint's offset to its parent."""
+    c = self._group_of[joint].channel
+    return c + 1, c
+
+  def parent_of(self, joint: int) -> Optional[int]:
+    if joint in self.ljg_with_hier:
+      return self.parents[self.ljg_with_hier.index(joint)]
+    return None
+
+  def children_of(self, joint: int) -> Tuple[int, ...]:
+    return tuple(c for c, p in zip(self.ljg_with_hier, self.parents) if p == joint)
+
+  def flip_permutation(self) -> np.ndarray:
+    """(K,) channel permutation of heatmaps and tags after a horizontal mirror (the centre maps to itself)."""
+    return np.asarray(self.flip_index, np.int64)
+
+  def offset_flip_permutation(self) -> np.ndarray:
+    """(N_off,) channel permutation of the offset maps after a mirror: each joint's channels come from its mirror
+    joint's. The dx channels must also change sign (`offset_x_channels`)."""
+    perm = np.zeros(self.num_offsets, np.int64)
+    for group in self.offset_layout:
+      mirror = self._group_of.get(self.flip_index[group.joint])
+      if mirror is None or mirror.num_channels != group.num_channels:
+        raise ValueError(f"joint {group.joint} and its mirror {self.flip_index[group.joint]} are in different "
+                         "joint groups")
+      perm[group.channel:group.channel + group.num_channels] = np.arange(
+          mirror.channel, mirror.channel + mirror.num_channels)
+    return perm
+
+  def offset_x_channels(self) -> np.ndarray:
+    """Boolean (N_off,): the dx channels (odd channels; pairs are (dy, dx))."""
+    return np.arange(self.num_offsets) % 2 == 1
+
+
 class DEMCodec:
   """People <-> DEM targets at the configured output resolutions.
 
   Args:
     num_joints: J, joints of the dataset (the centre is added as point J).
     rjg_tag: root joints, grouped by tags; they have no offset channels.
-    ljg_with_hier: limb joints with an offset to their parent and one to the centre (4 channels).
+    ljg_with_hier: limb joints with an offset to their parent and one to the centre (4 channels), in processing
+      order (see `JointGroups`).
     ljg_center_only: joints with an offset to the centre only (2 channels).
     flip_pairs: left/right joint pairs of the dataset (the centre maps to itself).
     flip_index: the whole flip permutation with the centre (K entries), instead of `flip_pairs`.
@@ -67,8 +211,8 @@ class DEMCodec:
     max_people: rows of the AE index lists.
     tau: half-size of the offset window.
     ljg_parents: parent of each `ljg_with_hier` joint (same order); default joint - 2.
-    original_offset_overlap: reproduce the original last-writer / count overlap (T5).
-    offsets_to_invisible_parents: reproduce the original offsets to unlabelled parents (T6).
+    original_offset_overlap: reproduce the original last-writer / count overlap (module docstring).
+    offsets_to_invisible_parents: reproduce the original offsets to unlabelled parents (module docstring).
   """
 
   def __init__(self, num_joints: int, rjg_tag: Sequence[int], ljg_with_hier: Sequence[int],
@@ -77,11 +221,17 @@ class DEMCodec:
                max_people: int = 30, tau: int = 7, ljg_parents: Optional[Sequence[int]] = None,
                original_offset_overlap: bool = False, offsets_to_invisible_parents: bool = False,
                flip_index: Optional[Sequence[int]] = None):
-    self.num_joints = int(num_joints)
-    self.num_points = self.num_joints + 1
-    self.rjg_tag = tuple(int(j) for j in rjg_tag)
-    self.ljg_with_hier = tuple(int(j) for j in ljg_with_hier)
-    self.ljg_center_only = tuple(int(j) for j in ljg_center_only)
+    self.groups = JointGroups.build(num_joints, rjg_tag, ljg_with_hier, ljg_center_only, parents=ljg_parents,
+                                    flip_pairs=flip_pairs, flip_index=flip_index)
+    self.num_joints = self.groups.num_joints
+    self.num_points = self.groups.num_points
+    self.rjg_tag = self.groups.rjg
+    self.ljg_with_hier = self.groups.ljg_with_hier
+    self.ljg_center_only = self.groups.ljg_center_only
+    self.parents: Dict[int, int] = dict(zip(self.groups.ljg_with_hier, self.groups.parents))
+    self.offset_layout: Tuple[OffsetGroup, ...] = self.groups.offset_layout
+    self.num_offset_channels = self.groups.num_offsets
+    self.flip_index = self.groups.flip_permutation()
     self.input_size = int(input_size)
     self.output_sizes = tuple(int(r) for r in output_sizes)
     self.sigma = float(sigma)
@@ -90,46 +240,7 @@ class DEMCodec:
     self.original_offset_overlap = bool(original_offset_overlap)
     self.offsets_to_invisible_parents = bool(offsets_to_invisible_parents)
 
-    groups = self.rjg_tag + self.ljg_with_hier + self.ljg_center_only
-    if sorted(groups) != list(range(self.num_joints)):
-      raise ValueError(
-          f"joint groups must split joints 0..{self.num_joints - 1} exactly once: rjg_tag={self.rjg_tag}, "
-          f"ljg_with_hier={self.ljg_with_hier}, ljg_center_only={self.ljg_center_only}")
-    if ljg_parents is None:
-      ljg_parents = [j - 2 for j in self.ljg_with_hier]
-    ljg_parents = tuple(int(p) for p in ljg_parents)
-    if len(ljg_parents) != len(self.ljg_with_hier):
-      raise ValueError(f"ljg_parents {ljg_parents} must give one parent per ljg_with_hier joint "
-                       f"{self.ljg_with_hier}")
-    for child, parent in zip(self.ljg_with_hier, ljg_parents):
-      if not 0 <= parent < self.num_joints or parent == child:
-        raise ValueError(f"joint {child} has parent {parent}, which is not another joint of 0..{self.num_joints - 1}")
-    self.parents: Dict[int, int] = dict(zip(self.ljg_with_hier, ljg_parents))
-
-    # Channels are laid out by joint index, root joints skipped (spec 2.4).
-    layout, channel = [], 0
-    for j in range(self.num_joints):
-      if j in self.rjg_tag:
-        continue
-      group = OffsetGroup(j, self.parents.get(j), channel)
-      layout.append(group)
-      channel += group.num_channels
-    self.offset_layout: Tuple[OffsetGroup, ...] = tuple(layout)
-    self.num_offset_channels = channel
-
-    if flip_index is None:
-      flip = np.arange(self.num_points)
-      for a, b in flip_pairs:
-        flip[a], flip[b] = b, a
-    else:
-      flip = np.asarray(flip_index, dtype=np.int64)
-      if (flip.shape != (self.num_points,) or flip[-1] != self.num_points - 1
-          or sorted(flip.tolist()) != list(range(self.num_points))):
-        raise ValueError(f"flip_index {tuple(flip.tolist())} must be a permutation of the {self.num_points} points "
-                         f"that keeps the centre {self.num_points - 1} last")
-    self.flip_index = flip
-
-    # Unnormalised Gaussian of side 6*sigma+3 with its peak at index 3*sigma+1 (spec 2.3).
+    # The original's unnormalised Gaussian: side 6*sigma+3, peak (value 1) at index 3*sigma+1.
     size = 6 * self.sigma + 3
     grid = np.arange(0, size, 1, dtype=np.float64)
     peak = 3 * self.sigma + 1
@@ -140,36 +251,36 @@ class DEMCodec:
   def from_config(cls, config) -> "DEMCodec":
     """Builds the codec from a DEM experiment config (`config.data`, see configs/dem_common.py).
 
-    Reads `num_joints`, `rjg_tag`, `ljg_with_hier`, `ljg_parents`, `ljg_center_only`, `flip_index` (with the centre;
-    else `flip_pairs`), `image_size`, `output_size`, `sigma`, `offset_radius`, `max_num_people` and the two
-    reproduction flags `original_offset_overlap` and `offsets_to_invisible_parents` (default False).
+    Reads the joint groups as `JointGroups.from_config` does, then `image_size`, `output_size`, `sigma`,
+    `offset_radius`, `max_num_people` and the two reproduction flags `original_offset_overlap` and
+    `offsets_to_invisible_parents` (default False).
     """
+    groups = JointGroups.from_config(config)
     data = config.data
     size = data.image_size
     input_size = int(size[0]) if isinstance(size, (tuple, list)) else int(size)
     if isinstance(size, (tuple, list)) and int(size[0]) != int(size[1]):
       raise ValueError(f"config.data.image_size {tuple(size)} must be square for bottom-up training")
     return cls(
-        num_joints=int(data.num_joints),
-        rjg_tag=data.rjg_tag,
-        ljg_with_hier=data.ljg_with_hier,
-        ljg_center_only=data.ljg_center_only,
-        flip_pairs=data.get("flip_pairs", ()),
+        num_joints=groups.num_joints,
+        rjg_tag=groups.rjg,
+        ljg_with_hier=groups.ljg_with_hier,
+        ljg_center_only=groups.ljg_center_only,
+        ljg_parents=groups.parents,
+        flip_index=groups.flip_index,
         input_size=input_size,
         output_sizes=tuple(int(r) for r in data.output_size),
         sigma=float(data.sigma),
         max_people=int(data.get("max_num_people", 30)),
         tau=int(data.get("offset_radius", 7)),
-        ljg_parents=data.get("ljg_parents", None) or None,
         original_offset_overlap=bool(data.get("original_offset_overlap", False)),
         offsets_to_invisible_parents=bool(data.get("offsets_to_invisible_parents", False)),
-        flip_index=data.get("flip_index", None) or None,
     )
 
   # ---------------------------------------------------------------------------------------------- people
 
   def add_centers(self, keypoints: np.ndarray) -> np.ndarray:
-    """(N, J, 3) keypoints -> (N, K, 3) with the person centre appended (spec 2.2).
+    """(N, J, 3) keypoints -> (N, K, 3) with the person centre appended.
 
     The centre is the mean of the labelled (v > 0) keypoints; its v is 1 when at least one keypoint is labelled.
     (The original sums all J positions; unlabelled COCO/CrowdPose keypoints are (0, 0, 0), so both agree there.)
@@ -206,7 +317,7 @@ class DEMCodec:
   # ---------------------------------------------------------------------------------------------- targets
 
   def heatmaps(self, people: np.ndarray, resolution: int) -> np.ndarray:
-    """(N, K, 3) people at resolution r -> (r, r, K) Gaussian heatmaps, merged by max (spec 2.3)."""
+    """(N, K, 3) people at resolution r -> (r, r, K) Gaussian heatmaps, merged by max."""
     people = np.asarray(people, dtype=np.float64).reshape(-1, self.num_points, 3)
     r = int(resolution)
     maps = np.zeros((r, r, self.num_points), dtype=np.float32)
@@ -230,7 +341,7 @@ class DEMCodec:
     return math.sqrt(2.0 * resolution ** 2)
 
   def offsets(self, people: np.ndarray, resolution: int, return_counts: bool = False):
-    """(N, K, 3) people at resolution r -> (r, r, C) Local-Embedding offset targets (spec 2.4, fixes above).
+    """(N, K, 3) people at resolution r -> (r, r, C) Local-Embedding offset targets (module docstring: fixes).
 
     In each joint's (2 tau + 1)^2 window (clipped to the map) a channel pair holds (T_y - v, T_x - u) / Z at pixel
     (u, v), T being the person centre or the parent joint (raw coordinates, which may lie off the map).
@@ -283,7 +394,7 @@ class DEMCodec:
     return sums
 
   def ae_index_list(self, people: np.ndarray, resolution: int) -> np.ndarray:
-    """(N, K, 3) people -> (max_people, K, 2) int32 rows of (k * r^2 + y * r + x, 1) (spec 2.5).
+    """(N, K, 3) people -> (max_people, K, 2) int32 rows of (k * r^2 + y * r + x, 1).
 
     Every labelled point on the map is listed (all joints and the centre). People with no such point take no row,
     and people beyond `max_people` listed ones are left out of the AE loss (the original raised an IndexError);
@@ -325,22 +436,13 @@ class DEMCodec:
 
   @property
   def offset_flip_permutation(self) -> np.ndarray:
-    """Channel index array: offset channels of a mirrored map come from the mirror joint's group (spec 4.2)."""
-    by_joint = {g.joint: g for g in self.offset_layout}
-    perm = np.arange(self.num_offset_channels)
-    for group in self.offset_layout:
-      mirror = by_joint.get(int(self.flip_index[group.joint]))
-      if mirror is None or mirror.num_channels != group.num_channels:
-        raise ValueError(f"joint {group.joint} and its mirror {self.flip_index[group.joint]} are in different "
-                         f"offset groups")
-      perm[group.channel:group.channel + group.num_channels] = np.arange(
-          mirror.channel, mirror.channel + mirror.num_channels)
-    return perm
+    """Channel index array: offset channels of a mirrored map come from the mirror joint's group."""
+    return self.groups.offset_flip_permutation()
 
   @property
   def offset_x_channels(self) -> np.ndarray:
     """Boolean mask of the Delta-x channels (odd channels: each pair is (Delta-y, Delta-x))."""
-    return np.arange(self.num_offset_channels) % 2 == 1
+    return self.groups.offset_x_channels()
 
   def flip_heatmaps(self, maps: np.ndarray) -> np.ndarray:
     """Mirror (..., H, W, K) heatmaps or tag maps: reverse W and swap left/right channels."""

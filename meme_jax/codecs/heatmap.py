@@ -1,5 +1,4 @@
-"""MSRA Gaussian heatmaps of the HRNet family: the top-down training targets and their decoding (spec eeffpose 4.4
-step 8 and 5.1-5.2).
+"""MSRA Gaussian heatmaps of the HRNet family: the top-down training targets and their decoding.
 
 `encode` produces exactly the original targets: an unnormalised Gaussian of peak 1 pasted at the integer-rounded
 joint position, size 6*sigma+1, clipped to the map; joints whose window lies wholly outside get weight 0.

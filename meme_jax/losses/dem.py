@@ -1,4 +1,4 @@
-"""Losses of the double-embedding (DEM) model (spec dem 3), jittable and vectorised over the batch and the people.
+"""Losses of the double-embedding (DEM) model, jittable and vectorised over the batch and the people.
 
     L = sum_s [ hm_s * mean_b HM_{b,s} + off_s * OFF_s ] + push * mean_b PUSH_b + pull * mean_b PULL_b
 
@@ -7,7 +7,7 @@ with the factors of `config.loss` (the yamls' LOSS.*): `heatmaps_loss_factor`, `
 stage s, `with_ae_loss[0]` the tag terms (tags exist at stage 0 only).
 
 One deliberate change from the original: an image with exactly one tagged person has push loss 0. The original
-divided 0 by 0 there (spec 8 T3), which made the loss and every gradient NaN for such images.
+divided 0 by 0 there, which made the loss and every gradient NaN for such images.
 """
 from typing import Dict, Sequence, Tuple
 
@@ -45,7 +45,10 @@ def smooth_l1(pred, target, beta: float = 1.0):
 
 
 def offset_loss(offsets, targets, mask, beta: float = 1.0):
-  """SmoothL1 between M * pred and M * target, averaged over every element of the batch (spec 3, T7 as coded).
+  """SmoothL1 between M * pred and M * target, averaged over every element of the batch.
+
+  As the original: every pixel counts, not only the offset windows, so most of the loss pulls predictions towards
+  the zero targets outside the windows; kept so that training matches the original recipe.
 
   Args:
     offsets: predictions (B, H, W, C); targets: (B, H, W, C); mask: (B, H, W).

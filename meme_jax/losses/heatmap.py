@@ -1,4 +1,4 @@
-"""JointsMSELoss of the original top-down code (spec eeffpose 4.1; USE_TARGET_WEIGHT=True, OHKM off)."""
+"""The top-down training loss: the original's JointsMSELoss with USE_TARGET_WEIGHT=True and OHKM off."""
 from typing import Optional
 
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""COCO keypoint AP with pycocotools: the official results JSON, rescoring + OKS-NMS per image, COCOeval (spec 5.3).
+"""COCO keypoint AP with pycocotools: the official results JSON, rescoring + OKS-NMS per image, COCOeval.
 
 The ten stats come back by name, in COCOeval's order: AP, AP .5, AP .75, AP (M), AP (L), AR, AR .5, AR .75,
 AR (M), AR (L) (the names the HRNet family logs). Any COCO-format keypoint set works (its own joint count and
@@ -13,15 +13,17 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from meme_jax.metrics import nms
+from meme_jax.codecs.decoding import rescore
+from meme_jax.metrics import crowdpose, nms
 
 COCO_STAT_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR", "AR .5", "AR .75", "AR (M)", "AR (L)")
 
 
 def load_coco(gt: Union[str, Any]):
   """A pycocotools COCO object from a path (or the object itself), without pycocotools' prints."""
-  from pycocotools.coco import COCO  # pylint: disable=import-outside-toplevel
   if not isinstance(gt, str):
     return gt
   if not os.path.isfile(gt):
@@ -139,7 +141,6 @@ def coco_keypoint_eval(gt: Union[str, Any], results: Union[str, List[Mapping[str
   `gt` is an annotation file (or a COCO object), `results` a results JSON path or list; `sigmas` in pycocotools'
   units (COCO's own by default). With no results at all every stat is 0.
   """
-  from pycocotools.cocoeval import COCOeval  # pylint: disable=import-outside-toplevel
   coco = load_coco(gt)
   source = results if isinstance(results, str) else "results"
   if isinstance(results, str):
@@ -178,13 +179,11 @@ def evaluate_poses(gt: Union[str, Any], image_ids, keypoints, box_scores, areas,
   keypoints (N, J, 3) image (x, y, confidence); box_scores (N,); areas (N,) box areas for NMS; `sigmas` in
   pycocotools' units. `protocol` 'coco' or 'crowdpose' (xtcocotools' easy/medium/hard protocol).
   """
-  from meme_jax.codecs.decoding import rescore  # pylint: disable=import-outside-toplevel
   coco = load_coco(gt) if protocol == "coco" else None
   keypoints = np.asarray(keypoints, dtype=np.float64)
   scores = rescore(keypoints[..., 2], box_scores, in_vis_thre)
   keep = select_poses(image_ids, keypoints, scores, areas, oks_thre=oks_thre, sigmas=sigmas, soft_nms=soft_nms)
   if protocol == "crowdpose":
-    from meme_jax.metrics import crowdpose  # pylint: disable=import-outside-toplevel
     category_id = crowdpose.category_id(gt)
   else:
     category_id = person_category_id(coco)

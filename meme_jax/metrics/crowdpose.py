@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from meme_jax import keypoints
+
 CROWDPOSE_STAT_NAMES = ("AP", "AP .5", "AP .75", "AR", "AR .5", "AR .75", "AP (E)", "AP (M)", "AP (H)")
 
 
@@ -29,6 +31,7 @@ def available() -> bool:
 
 
 def _require():
+  # xtcocotools is an optional dependency (meme_jax[crowdpose]), imported only when CrowdPose AP is asked for.
   try:
     from xtcocotools.coco import COCO  # pylint: disable=import-outside-toplevel
     from xtcocotools.cocoeval import COCOeval  # pylint: disable=import-outside-toplevel
@@ -68,7 +71,6 @@ def crowdpose_keypoint_eval(annotation_file: str, results: Union[str, List[Mappi
   if missing:
     raise ValueError(f"{annotation_file}: images {missing[:5]} have no 'crowdIndex' (needed for easy/medium/hard)")
   if sigmas is None:
-    from meme_jax import keypoints  # pylint: disable=import-outside-toplevel
     sigmas = np.asarray(keypoints.CROWDPOSE_SIGMAS) / 10.0
   if isinstance(results, str):
     with open(results, encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""OKS-based non-maximum suppression of person poses (the HRNet family's `oks_nms` / `soft_oks_nms`, spec 5.3).
+"""OKS-based non-maximum suppression of person poses (the HRNet family's `oks_nms` / `soft_oks_nms`).
 
 `sigmas` are per-joint OKS sigmas as pycocotools uses them (COCO: 0.026 for the nose ...); configs store them x10,
 as the COCO paper prints them, and `sigmas_from_config` divides. Keypoints are (N, J, 3) arrays of (x, y, score);

@@ -10,15 +10,16 @@ from typing import Tuple
 
 import flax.linen as nn
 
+from meme_jax.models.dem import build_dem
+from meme_jax.models.eeffpose import build_eeffpose
+
 
 def build_model(config) -> nn.Module:
   """Builds the model named by `config.model.name` ('eeffpose' or 'dem')."""
   name = config.model.name
   if name == "eeffpose":
-    from meme_jax.models.eeffpose import build_eeffpose  # pylint: disable=import-outside-toplevel
     return build_eeffpose(config)
   if name == "dem":
-    from meme_jax.models.dem import build_dem  # pylint: disable=import-outside-toplevel
     return build_dem(config)
   raise ValueError(f"config.model.name={name!r}: expected 'eeffpose' or 'dem'")
 

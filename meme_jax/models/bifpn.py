@@ -1,4 +1,4 @@
-"""The EfficientDet BiFPN neck of the EEffPose ablations [x0x] (spec eeffpose 2; effdet ~v0.2 `BiFpn`).
+"""The EfficientDet BiFPN neck of the EEffPose ablations with `neck='bifpn'` (effdet ~v0.2 `BiFpn`).
 
 Settings of `tf_efficientdet_d0`: TF 'SAME' padding, BatchNorm eps 1e-3 / torch momentum 0.01, redundant conv
 biases, BN after every resampling conv, conv before downsampling, separable convs, 'fastattn' weighting, max-pool

@@ -1,5 +1,5 @@
 """The double-embedding (DEM) network: HigherHRNet-style HRNet, then a Local-Embedding offset head and a
-Global-Embedding heatmap + tag head (spec dem 1.1-1.4).
+Global-Embedding heatmap + tag head.
 
     y0 = backbone(image)                                       # (N, H/4, W/4, c), c = stage4 channels[0]
     for head in (offsets: stem1, final_layers_off, deconv_layers_off;  heatmaps+tags: stem2, ..._ae, ..._ae):
@@ -21,14 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from meme_jax.codecs.dem import JointGroups
 from meme_jax.models.hrnet import BasicBlock, Bottleneck, HRNetSpec, LayerOptions, higher_hrnet_features
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def num_offset_channels(ljg_center_only, ljg_with_hier) -> int:
-  """2 channels (dy, dx) to the centre per centre-only joint, 4 (to parent, to centre) per hierarchical joint."""
-  return 2 * len(ljg_center_only) + 4 * len(ljg_with_hier)
 
 
 class DEM(nn.Module):
@@ -84,7 +80,7 @@ def build_dem(config) -> DEM:
   if len(deconv_channels) != 1:
     raise ValueError(f"config.model.deconv.num_channels={deconv_channels}: the double-embedding heads have exactly "
                      "one deconvolution stage (the original hard-codes num_deconvs = 1)")
-  num_offsets = num_offset_channels(config.data.ljg_center_only, config.data.ljg_with_hier)
+  num_offsets = JointGroups.from_config(config).num_offsets
   if int(m.get("num_offsets", num_offsets)) != num_offsets:
     raise ValueError(f"config.model.num_offsets={m.num_offsets} disagrees with the joint groups in config.data "
                      f"(2 x {len(config.data.ljg_center_only)} centre-only + 4 x {len(config.data.ljg_with_hier)} "

@@ -1,4 +1,4 @@
-"""EEffNet: the EfficientNet backbone turned into parallel HRNet-style branches (spec eeffpose 1.4).
+"""EEffNet: the EfficientNet backbone turned into parallel HRNet-style branches.
 
 The backbone is the sequence `hr_backbone.0..9` = [stem conv (stride 1), stem BN, SiLU, HRB(stage 0), ...,
 HRB(stage 6)]. A HighResolutionBlock (HRB) runs the new stage on the coarsest map and keeps every older

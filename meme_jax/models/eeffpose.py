@@ -1,4 +1,4 @@
-"""EEffPose (MEMe, Sensors 2022): backbone -> neck -> head, top-down heatmap regression (spec eeffpose).
+"""EEffPose (MEMe, Sensors 2022): backbone -> neck -> head, top-down heatmap regression.
 
 `build_eeffpose(config)` reads `config.model`:
 - `backbone`: 'eeffnet' (HRB branches, `hr_backbone_{0..9}`) | 'efficientnet' (plain timm features, `hr_backbone`);

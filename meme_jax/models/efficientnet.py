@@ -1,4 +1,4 @@
-"""TF-EfficientNet B0/B2 as the EEffPose code uses it (timm 0.4.9 `tf_efficientnet_b*`, spec eeffpose 1.2-1.3).
+"""TF-EfficientNet B0/B2 as the EEffPose code uses it (timm 0.4.9 `tf_efficientnet_b*`).
 
 - Blocks: depthwise-separable (DS, stage 0) and inverted-residual (IR / MBConv) with squeeze-excitation whose
   reduced width comes from the *block input* channels, TensorFlow 'SAME' padding, SiLU, BatchNorm eps 1e-3,

@@ -1,4 +1,4 @@
-"""Multi-resolution fusion of EEffPose: Identity, WeightedAdd, MBBlock, TotalFusion and the TFNeck (spec 1.5-1.6).
+"""Multi-resolution fusion of EEffPose: Identity, WeightedAdd, MBBlock, TotalFusion and the TFNeck.
 
 A feature list is ordered by "rank", 0 being the finest map; consecutive ranks differ by a factor of 2.
 TotalFusion computes, for every output rank i from the same input list,

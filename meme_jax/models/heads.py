@@ -1,4 +1,4 @@
-"""EEffPose heads (spec eeffpose 1.7): one 1x1 conv + BN per scale, upsampled to stride 4 by pixel repetition.
+"""EEffPose heads: one 1x1 conv + BN per scale, upsampled to stride 4 by pixel repetition.
 
 - FAHead (`attention=True`, the paper's FinalAttentionHead): sigmoid per scale, output = h_0 * h_1 * ... (values in
   (0, 1); no final activation or clamp).

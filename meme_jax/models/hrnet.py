@@ -9,7 +9,7 @@ The backbone is written as a function (`higher_hrnet_features`) that creates its
 calling it: the DEM network keeps the original's flat names (`conv1`, not `backbone/conv1`), and
 `HigherHRNetBackbone` wraps the same function as a standalone module.
 
-Fuse up-sampling (spec dem 1.3): the double-embedding code resizes lower-resolution branches bilinearly with
+Fuse up-sampling: the double-embedding code resizes lower-resolution branches bilinearly with
 `align_corners=False` to the exact target size ('bilinear'); upstream HigherHRNet and ImageNet HRNet repeat pixels by
 2^(j-i) ('nearest'). Weights trained under one rule give different features under the other.
 """
@@ -47,8 +47,9 @@ class LayerOptions:
 
   dtype: compute dtype (parameters and BatchNorm statistics stay float32).
   bn_group_size: BatchNorm statistics over groups of that many samples; 0 = the whole (global) batch.
-  init: 'torch' = PyTorch's default initialisation (what the released double-embedding training used, spec dem
-    1.9/T1); 'normal' = upstream `init_weights`: conv weights N(0, 0.001^2), biases 0.
+  init: 'torch' = PyTorch's default initialisation (what the released double-embedding training ran: its script
+    builds the model with is_train=False, which skips `init_weights`); 'normal' = upstream `init_weights`: conv
+    weights N(0, 0.001^2), biases 0.
   """
   dtype: Any = jnp.float32
   bn_group_size: int = 0
@@ -173,7 +174,7 @@ def upsample_to(x, height: int, width: int, method: str):
 
 
 class HighResolutionModule(nn.Module):
-  """Parallel branches of residual blocks, then every output i sums all branches brought to branch i (spec 1.3).
+  """Parallel branches of residual blocks, then every output i sums all branches brought to branch i.
 
   Branch j > i (lower resolution): 1x1 conv c_j->c_i + BN, then up-sampling (`fuse_upsample`).
   Branch j < i: (i-j) 3x3 stride-2 convs; all but the last keep c_j channels and have BN + ReLU, the last maps to c_i
