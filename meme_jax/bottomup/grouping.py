@@ -44,20 +44,17 @@ Candidates that tie exactly inside one NMS window (a plateau, e.g. a peak upsamp
 import dataclasses
 import functools
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from meme_jax import keypoints as keypoints_lib
+from meme_jax.codecs.dem import JointGroups
 
 # ---------------------------------------------------------------------------------------------------------------
-# Joint groups and parameters.
-
-
-from meme_jax.codecs.dem import JointGroups
+# Grouping parameters.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ from data_pipelines import transforms
 from meme_jax.bottomup import grouping
 from meme_jax.codecs.affine import apply_affine, get_affine_transform
 from meme_jax.codecs.dem import DEMCodec
+from meme_jax.codecs.dem import JointGroups
 
 OFFSET_DENORM = ("scale_aware", "original")
 
@@ -151,7 +152,7 @@ def resize_bilinear(x, height: int, width: int):
   return x
 
 
-def combine_outputs(outputs, base_hw: Tuple[int, int], groups: grouping.JointGroups, *, flip: bool,
+def combine_outputs(outputs, base_hw: Tuple[int, int], groups: JointGroups, *, flip: bool,
                     average_quarter: bool, offset_factor, with_tags: bool = True):
   """The network's four maps for an image (batch row 0) and, with `flip`, its mirror (row 1) -> heatmaps
   (H_b, W_b, K), tags (H_b, W_b, K, 2) (None without `with_tags`), offsets (H_b, W_b, N_off) times
@@ -222,7 +223,7 @@ def aggregate(per_scale: Sequence[Tuple[float, Any, Any, Any]], tag_scale: float
   return heat, tags, offsets
 
 
-def predict_from_maps(maps: Maps, groups: grouping.JointGroups, params: grouping.GroupingParams) -> Prediction:
+def predict_from_maps(maps: Maps, groups: JointGroups, params: grouping.GroupingParams) -> Prediction:
   """Grouping and back-projection of aggregated maps."""
   grouped = grouping.group(maps.heatmaps, maps.tags, maps.offsets, groups, params)
   keypoints = np.zeros(grouped.joints.shape[:2] + (3,))
@@ -242,9 +243,9 @@ class BottomUp:
   `model.apply(variables, images, train=False)`).
   """
 
-  def __init__(self, config, apply_fn: Callable, variables, *, groups: Optional[grouping.JointGroups] = None,
+  def __init__(self, config, apply_fn: Callable, variables, *, groups: Optional[JointGroups] = None,
                params: Optional[grouping.GroupingParams] = None, options: Optional[TestOptions] = None):
-    self.groups = groups or grouping.JointGroups.from_config(config)
+    self.groups = groups or JointGroups.from_config(config)
     self.params = params or grouping.GroupingParams.from_config(config)
     self.options = options or TestOptions.from_config(config)
     self.variables = variables
