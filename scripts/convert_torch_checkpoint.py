@@ -5,9 +5,7 @@
 
 Same as `python -m meme_jax.convert`; see meme_jax/convert.py for the formats it reads.
 """
-import sys
-
 from meme_jax import convert
 
 if __name__ == "__main__":
-  sys.exit(convert.main())
+  convert.run()
