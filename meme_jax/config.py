@@ -24,10 +24,11 @@ def resolve_config_path(path: str) -> str:
 
 
 def resolve_config_argument(argv: Sequence[str], flag: str = "config") -> List[str]:
-  """`argv` with the file of `--FLAG configs/NAME.py[:ARG]` (or `--FLAG=...`) found as `resolve_config_path` does.
+  """`argv` with the file of `--FLAG configs/NAME.py[:ARG]` (or `--FLAG=...`) found as `resolve_config_path` finds it.
 
   ml_collections' config flags read the file relative to the working directory only; this lets a command given
-  `--config configs/NAME.py` run from any directory. A path found nowhere is left as it is, for the flag to report.
+  `--config configs/NAME.py` run from any directory. A path found in the working directory, or nowhere (for the
+  flag to report), is left as it is.
   """
   out = list(argv)
   for i, arg in enumerate(out):
@@ -38,10 +39,9 @@ def resolve_config_argument(argv: Sequence[str], flag: str = "config") -> List[s
     else:
       continue
     path, sep, rest = value.partition(":")
-    try:
-      out[index] = prefix + resolve_config_path(path) + sep + rest
-    except FileNotFoundError:
-      continue
+    candidate = os.path.join(REPO_ROOT, path)
+    if not os.path.isfile(path) and os.path.isfile(candidate):
+      out[index] = prefix + candidate + sep + rest
   return out
 
 

@@ -412,10 +412,10 @@ def main(argv) -> int:
 
 
 def run() -> None:
-  """`python -m meme_jax.convert CHECKPOINT --config configs/NAME.py[:ARG] --output DIR`."""
-  define_flags()
+  """Runs `main` on this process's command line, once `define_flags` has defined the flags."""
   app.run(main, argv=config_lib.resolve_config_argument(sys.argv))
 
 
 if __name__ == "__main__":
+  define_flags()
   run()
