@@ -155,7 +155,7 @@ def _argmax_coords(heatmaps):
 
 
 def heatmap_pck_counts(heatmaps, targets, threshold: float = 0.5):
-  """Per-joint (correct, counted) of the original train-time accuracy (spec eeffpose 5.5).
+  """Per-joint (correct, counted) of the original code's train-time accuracy, which it logs and nothing else uses.
 
   A PCK on heatmap argmaxes: distances are normalised by (H/10, W/10) of the heatmap (x by H/10 and y by W/10, as
   HRNet's `accuracy` does), a joint counts only when its target argmax has x > 1 and y > 1, and it is correct when
