@@ -15,7 +15,7 @@ setup(
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
-        "grain>=0.2.2",
+        "grain>=0.2.7",
         "clu>=0.0.12",
         "tensorboardX>=2.6",
         "ml_collections>=0.1.1",

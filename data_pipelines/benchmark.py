@@ -1,13 +1,13 @@
 """Input-pipeline benchmark: training samples per second and per CPU core (JPEG decode + augmentation + targets).
 
-    python -m data_pipelines.benchmark --config configs/eeffpose_p0.py --workers 0 1 2 --output data_bench.json
+    python -m data_pipelines.benchmark --config configs/eeffpose_p0.py --workers 0 --workers 1 --workers 2 \
+        --output data_bench.json
 
 reads the real COCO samples of ../shared/data/samples/coco unless --annotations/--images say otherwise, runs
 `train_loader` with each worker count, and reports for each: samples/s (wall clock), the CPU seconds all of the
 pipeline's processes used (main process and workers, from /proc), and samples per CPU-second, the per-core figure
 that a busy shared machine distorts least. Nothing is trained: the batches are only pulled.
 """
-import argparse
 import json
 import os
 import platform
@@ -15,16 +15,23 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from data_pipelines import topdown
+from absl import app
+from absl import flags
+from absl import logging
+import cv2
+from ml_collections import config_flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from data_pipelines import topdown
+from meme_jax import config as config_lib
+
+FLAGS = flags.FLAGS
 # The original PyTorch pipeline (HRNet JointsDataset + DataLoader) on one core of the 2-core CI machine type, on the
 # same sample images: the figure the speed goal is stated against.
 ORIGINAL_SAMPLES_PER_CORE = 169.0
 
 
 def default_samples_dir() -> str:
-  shared = os.environ.get("MEME_JAX_SHARED", os.path.join(os.path.dirname(REPO_ROOT), "shared"))
+  shared = os.environ.get("MEME_JAX_SHARED", os.path.join(os.path.dirname(config_lib.REPO_ROOT), "shared"))
   return os.path.join(shared, "data", "samples", "coco")
 
 
@@ -87,7 +94,6 @@ def machine_info() -> Dict[str, Any]:
     info["load_average_1min"] = os.getloadavg()[0]
   except (AttributeError, OSError):
     pass
-  import cv2
   info["opencv"] = cv2.__version__
   return info
 
@@ -97,7 +103,6 @@ def measure_train_pipeline(config, num_workers: int, num_samples: int, *, batch_
   """Pulls `num_samples` training samples through `train_loader(config)` with `num_workers` workers (0: all in this
   process) and returns JSON-able figures: samples_per_s (wall), cpu_seconds (all the pipeline's processes),
   samples_per_cpu_s (per core), per_worker (samples_per_s / workers), speedup over the original's 169/s/core."""
-  import cv2   # pylint: disable=g-import-not-at-top
   batch_size = int(batch_size or config.train.batch_size)
   records = topdown.load_records(config, "train")
   loader = topdown.train_loader(config, seed=0, shard_index=0, shard_count=1, batch_size_per_process=batch_size,
@@ -138,42 +143,40 @@ def measure_train_pipeline(config, num_workers: int, num_samples: int, *, batch_
       machine=machine_info())
 
 
-def main(argv=None) -> Dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/eeffpose_p0.py")
-  parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--samples", type=int, default=1536, help="samples timed per worker count")
-  parser.add_argument("--batch_size", type=int, default=0, help="default: config.train.batch_size")
-  parser.add_argument("--annotations", default="", help="COCO-format json (default: the shared COCO samples)")
-  parser.add_argument("--images", default="", help="image folder (default: the shared COCO samples)")
-  parser.add_argument("--per_person", action="store_true",
-                      help="decode per person (data.group_by_image=False, the original's sampling order)")
-  parser.add_argument("--worker_type", choices=("process", "thread"), default="process")
-  parser.add_argument("--repeats", type=int, default=1,
-                      help="measure each worker count this many times and keep the fastest (busy machines)")
-  parser.add_argument("--output", default="", help="write the figures here as JSON")
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command line's flags (in absl's global flags: scripts/benchmark.py imports this module and has its own)."""
+  config_flags.DEFINE_config_file("config", os.path.join(config_lib.REPO_ROOT, "configs", "eeffpose_p0.py"),
+                                  "configs/NAME.py[:ARG] whose training pipeline is measured", lock_config=False)
+  flags.DEFINE_multi_integer("workers", [0, 1, 2], "worker counts to measure (repeat the flag)", lower_bound=0)
+  flags.DEFINE_integer("samples", 1536, "samples timed per worker count", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 0, "default: config.train.batch_size", lower_bound=0)
+  flags.DEFINE_string("annotations", "", "COCO-format json (default: the shared COCO samples)")
+  flags.DEFINE_string("images", "", "image folder (default: the shared COCO samples)")
+  flags.DEFINE_bool("per_person", False, "decode per person (data.group_by_image=False, the original's sampling order)")
+  flags.DEFINE_enum("worker_type", "process", ("process", "thread"), "what the workers are")
+  flags.DEFINE_integer("repeats", 1, "measure each worker count this many times and keep the fastest (busy machines)",
+                       lower_bound=1)
+  flags.DEFINE_string("output", "", "write the figures here as JSON")
 
-  from absl import flags
-  from absl import logging
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  import meme_jax
-  config = meme_jax.load_config(args.config)
+  config = FLAGS.config
   samples = default_samples_dir()
   config.data.format = "coco"
   if config.data.dataset == "synthetic":
     config.data.dataset = "coco"
-  config.data.train_annotations = args.annotations or os.path.join(samples, "test_coco.json")
-  config.data.train_images = args.images or samples
-  config.data.group_by_image = not args.per_person
-  config.data.worker_type = args.worker_type
-  results = dict(config=args.config, annotations=config.data.train_annotations,
+  config.data.train_annotations = FLAGS.annotations or os.path.join(samples, "test_coco.json")
+  config.data.train_images = FLAGS.images or samples
+  config.data.group_by_image = not FLAGS.per_person
+  config.data.worker_type = FLAGS.worker_type
+  results = dict(config=config_flags.get_config_filename(FLAGS["config"]), annotations=config.data.train_annotations,
                  original_samples_per_core=ORIGINAL_SAMPLES_PER_CORE, command=" ".join(sys.argv), runs=[])
-  for workers in args.workers:
-    trials = [measure_train_pipeline(config, workers, args.samples, batch_size=args.batch_size or None)
-              for _ in range(max(1, args.repeats))]
+  for workers in FLAGS.workers:
+    trials = [measure_train_pipeline(config, workers, FLAGS.samples, batch_size=FLAGS.batch_size or None)
+              for _ in range(FLAGS.repeats)]
     figures = max(trials, key=lambda r: r["samples_per_s"])
     figures["trials"] = [{k: r[k] for k in ("samples_per_s", "samples_per_cpu_s", "cpu_utilisation")}
                          for r in trials]
@@ -185,11 +188,11 @@ def main(argv=None) -> Dict[str, Any]:
   if 1 in runs and 2 in runs:
     results["scaling_1_to_2_workers"] = runs[2]["samples_per_s"] / runs[1]["samples_per_s"]
     print(f"1 -> 2 workers: x{results['scaling_1_to_2_workers']:.2f} samples/s")
-  if args.output:
-    with open(args.output, "w") as f:
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
       json.dump(results, f, indent=2)
-  return results
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))

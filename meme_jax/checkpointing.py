@@ -5,16 +5,14 @@ A checkpoint `WORKDIR/checkpoints/STEP/` holds three items:
   asynchronously with every process writing its shards;
 - `meta`: JSON the host needs to continue: schedule state (current LR, plateau counters), epoch, best validation
   metric, steps per epoch, batch size;
-- `data`: the state of each process's grain iterator (one JSON file per process), so the data order continues
-  exactly where it stopped.
+- `data`: the state of each process's grain iterator (grain's own orbax handler: one JSON file per process), so
+  the data order continues exactly where it stopped.
 
 Retention keeps the last `keep` checkpoints plus the best one by validation metric (orbax preservation policies).
 Orbax writes each checkpoint into `STEP.orbax-checkpoint-tmp-*` and renames it when every item is complete, so a
 crash mid-save leaves a temporary directory that is never listed as a step (and is removed on the next start);
 `valid_steps` additionally requires the items this module writes, so a truncated copy of a directory is skipped too.
 """
-import dataclasses
-import json
 import os
 import signal
 import threading
@@ -22,57 +20,13 @@ from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 from etils import epath
+import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 STATE, META, DATA = "state", "meta", "data"
 ORBAX_METADATA_FILE = "_CHECKPOINT_METADATA"
-
-
-class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves and restores a data iterator through its `get_state()` / `set_state()`; one file per process.
-
-  Grain iterators return a dict (dataset API) or JSON bytes (DataLoader); both are stored as JSON text.
-  """
-
-  def save(self, directory: epath.Path, args: "DataIteratorSave"):
-    state = args.state
-    record = {"bytes": state.decode("utf-8")} if isinstance(state, bytes) else {"dict": state}
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / self.filename()).write_text(json.dumps(record))
-
-  def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
-    path = directory / self.filename()
-    if not path.exists():
-      raise FileNotFoundError(f"{path}: no data iterator state for process {jax.process_index()} of "
-                              f"{jax.process_count()} (was the run saved with another number of processes?)")
-    record = json.loads(path.read_text())
-    state = record["bytes"].encode("utf-8") if "bytes" in record else record["dict"]
-    args.item.set_state(state)
-    return args.item
-
-  @staticmethod
-  def filename() -> str:
-    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
-@dataclasses.dataclass
-class DataIteratorSave(ocp.args.CheckpointArgs):
-  """The iterator to save; its state is read when the save is requested, not when the files are written."""
-  item: Any
-  state: Any = None
-
-  def __post_init__(self):
-    if self.state is None:
-      self.state = self.item.get_state()
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class DataIteratorRestore(ocp.args.CheckpointArgs):
-  item: Any
 
 
 class Checkpointer:
@@ -107,7 +61,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
-                       DATA: DataIteratorHandler()})
+                       DATA: grain.checkpoint.CheckpointHandler()})
 
   def is_complete(self, step: int) -> bool:
     """Whether the directory of `step` holds every item a resume needs (orbax finalised it, state and meta)."""
@@ -138,7 +92,9 @@ class Checkpointer:
       return False
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
-      items[DATA] = DataIteratorSave(data_iterator)
+      # grain's handler is synchronous, so orbax runs it before `save` returns, even for an asynchronous save: the
+      # state written is the iterator's at this step.
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     if self.best_metric:
       # With a best metric, orbax expects metrics at every save (and warns at each one without): a checkpoint
       # without an evaluation gets none of its own, so it is never kept as the best while an evaluated one exists.
@@ -153,7 +109,7 @@ class Checkpointer:
     if data_iterator is not None:
       if not (self.directory / str(step) / DATA).exists():
         raise FileNotFoundError(f"{self.directory / str(step)} has no data iterator state")
-      items[DATA] = DataIteratorRestore(data_iterator)
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], dict(restored[META])
 

@@ -14,8 +14,11 @@ Checkpoints may be bare state_dicts or dicts with a `state_dict` entry, may carr
 (the FP16 wrapper `nn.Sequential(tofp16, model, tofp32)`) prefixes and float16 tensors, and may be xz-compressed.
 Parameters shared between several module positions (the recurrent EEffNet option) appear under every position in
 the state_dict; they are recognised by their shared storage and loaded once.
+
+Command line (also `python scripts/convert_torch_checkpoint.py`):
+
+    python -m meme_jax.convert model_best.pth --config configs/eeffpose_p0.py --output /abs/path/p0_orbax
 """
-import argparse
 import io
 import lzma
 import os
@@ -24,7 +27,17 @@ import sys
 import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from absl import app
+from absl import flags
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
+import orbax.checkpoint as ocp
+
+from meme_jax import config as config_lib
+from meme_jax import models
 
 Path = Tuple[str, ...]
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
@@ -152,37 +165,14 @@ def _storage_id(tensor):
 # Templates and matching.
 
 
-def _flatten(tree, prefix=()) -> Dict[Path, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 def variable_shapes(config) -> Dict[str, Dict[Path, Tuple[int, ...]]]:
   """Shapes of every Flax variable of the model `config` builds, without allocating them."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from meme_jax import models  # pylint: disable=import-outside-toplevel
-
   model = models.build_model(config)
   width, height = models.input_size(config)
   x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype), train=False))
-  return {col: {p: tuple(s.shape) for p, s in _flatten(tree).items()} for col, tree in shapes.items()}
+  return {col: {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(tree).items()}
+          for col, tree in shapes.items()}
 
 
 # Keys of each kind shown in a mismatch message; the file it names has them all (a DEM checkpoint given to an
@@ -285,15 +275,10 @@ def match_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Mappi
   return placed
 
 
-def _load_config(path: str):
-  from meme_jax.config import load_config  # pylint: disable=import-outside-toplevel
-  return load_config(path)
-
-
 def _fits(state_dict: Mapping[str, Any], config_path: str) -> bool:
   """Whether the state_dict is exactly the model of `config_path` (building its variable shapes: seconds)."""
   try:
-    _, unexpected, wrong_shape, missing = _place(state_dict, variable_shapes(_load_config(config_path)), True)
+    _, unexpected, wrong_shape, missing = _place(state_dict, variable_shapes(config_lib.load_config(config_path)), True)
   except Exception:  # pylint: disable=broad-except   # a hint in an error message must not raise another error
     return False
   return not (unexpected or wrong_shape or missing)
@@ -364,7 +349,7 @@ def variables_from_state_dict(state_dict: Mapping[str, Any], config, *, strict: 
   """Converts a state_dict (already unwrapped) into `{'params': ..., 'batch_stats': ...}` for `config`'s model."""
   template = variable_shapes(config)
   placed = match_state_dict(state_dict, template, strict=strict, config_name=_config_name(config), source=source)
-  return {col: _unflatten(flat) for col, flat in placed.items() if flat}
+  return {col: traverse_util.unflatten_dict(flat) for col, flat in placed.items() if flat}
 
 
 def from_torch(checkpoint_path: str, config) -> Dict[str, Any]:
@@ -377,20 +362,19 @@ def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[
   """Returns `base` with every leaf that `update` provides replaced (shapes must agree)."""
   out = {}
   for col, tree in base.items():
-    flat = dict(_flatten(tree))
-    for path, value in _flatten(update.get(col, {})).items():
+    flat = traverse_util.flatten_dict(tree)
+    for path, value in traverse_util.flatten_dict(update.get(col, {})).items():
       if path not in flat:
         raise KeyError(f"{col}/{'/'.join(path)} is not a variable of the model")
       if tuple(np.shape(flat[path])) != tuple(np.shape(value)):
         raise ValueError(f"{col}/{'/'.join(path)}: shape {np.shape(value)} != {np.shape(flat[path])}")
       flat[path] = np.asarray(value, dtype=np.asarray(flat[path]).dtype)
-    out[col] = _unflatten(flat)
+    out[col] = traverse_util.unflatten_dict(flat)
   return out
 
 
 def save_variables(directory: str, variables: Mapping[str, Any]) -> str:
   """Writes Flax variables as an orbax checkpoint directory (what `--config.init.checkpoint` accepts)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   directory = os.path.abspath(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, variables, force=True)
@@ -399,32 +383,39 @@ def save_variables(directory: str, variables: Mapping[str, Any]) -> str:
 
 def load_variables(directory: str) -> Dict[str, Any]:
   """Reads variables written by `save_variables` as numpy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.abspath(directory))
   return restored
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m meme_jax.convert",
-      description="Convert an original PyTorch checkpoint (EEffPose or DEM) into an orbax checkpoint.")
-  parser.add_argument("checkpoint", help="model_best.pth, checkpoint_*.pth or .pth.xz of the original code")
-  parser.add_argument("--config", required=True, help="configs/NAME.py[:ARG] describing the model")
-  parser.add_argument("--output", required=True, help="directory to write the orbax checkpoint to")
-  args = parser.parse_args(argv)
-  from meme_jax.config import load_config  # pylint: disable=import-outside-toplevel
-  config = load_config(args.config)
+def define_flags() -> None:
+  """The command line's flags (in absl's global flags: call once, in the program that runs `main`)."""
+  config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG] describing the model", lock_config=False)
+  flags.DEFINE_string("output", None, "directory to write the orbax checkpoint to")
+  flags.mark_flags_as_required(["config", "output"])
+
+
+def main(argv) -> int:
+  """Converts the checkpoint named by the one argument; 2 when it does not fit the config's model."""
+  if len(argv) != 2:
+    raise app.UsageError("give one checkpoint: model_best.pth, checkpoint_*.pth or .pth.xz of the original code")
+  checkpoint = argv[1]
   try:
-    variables = from_torch(args.checkpoint, config)
+    variables = from_torch(checkpoint, flags.FLAGS.config)
   except CheckpointMismatchError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  count = sum(int(np.prod(np.shape(v))) for v in _flatten(variables["params"]).values())
-  path = save_variables(args.output, variables)
-  print(f"converted {args.checkpoint} ({count:,} parameters) -> {path}")
+  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(variables["params"]).values())
+  path = save_variables(flags.FLAGS.output, variables)
+  print(f"converted {checkpoint} ({count:,} parameters) -> {path}")
   return 0
 
 
+def run() -> None:
+  """Runs `main` on this process's command line, once `define_flags` has defined the flags."""
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  run()

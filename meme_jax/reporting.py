@@ -1,19 +1,16 @@
-"""What a run reports: clu metrics, TensorBoard and console writers, progress bars and the parameter table.
+"""What a run reports: clu metrics, TensorBoard and console writers, and the parameter table.
 
 Prediction images (skeleton overlays of evaluation examples) are drawn by `meme_jax.visualize` and written through
 the writers created here.
 
-clu's `metric_writers` package imports TensorFlow's summary writer when it is imported (and `periodic_actions`
-imports `metric_writers`). TensorFlow is not a dependency here, so before the first import this module gives clu a
-summary writer built on tensorboardX (`TensorBoardXWriter`); with TensorFlow installed clu's own is left alone.
-Import `metric_writers` and `periodic_actions` from this module, never from clu directly.
+Import `metric_writers` and `periodic_actions` from this module, never from clu directly: see
+`_provide_clu_summary_writer`.
 """
+import functools
 import importlib.util
-import math
 import sys
-import time
 import types
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 import flax
@@ -21,37 +18,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_CLU_SUMMARY_WRITER = "clu.metric_writers.summary_writer"
 
-def _install_tensorboardx_summary_writer() -> None:
-  """Makes `clu.metric_writers.summary_writer.SummaryWriter` the tensorboardX writer when TF is absent."""
-  name = "clu.metric_writers.summary_writer"
-  if name in sys.modules or "clu.metric_writers" in sys.modules:
-    return
-  if importlib.util.find_spec("tensorflow") is not None:
-    return
-  shim = types.ModuleType(name)
-  shim.__doc__ = "tensorboardX-backed SummaryWriter for clu (installed by meme_jax.reporting)."
 
-  def module_getattr(attr):
-    # Resolved lazily: clu.metric_writers imports this name after its `interface` module, which the writer needs.
-    if attr == "SummaryWriter":
+def _provide_clu_summary_writer() -> None:
+  """Lets `clu.metric_writers` (and `clu.periodic_actions`, which imports it) be imported without TensorFlow.
+
+  clu's `metric_writers/__init__.py` imports `clu.metric_writers.summary_writer`, which imports TensorFlow and
+  tensorboard at once, and clu offers no other way to choose the TensorBoard writer. TensorFlow is not a
+  dependency: tensorflow-cpu 2.21 with tensorboard would add about 1.5 GB to the install (a 274 MB wheel) and 4 to
+  5 s to every start, for event files that tensorboardX writes as well. So unless TensorFlow is installed, a module
+  of that name whose `SummaryWriter` is the tensorboardX writer below is put in `sys.modules` before clu is
+  imported. With TensorFlow installed, or once clu's own module is loaded, nothing is changed.
+  """
+  if _CLU_SUMMARY_WRITER in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+    return
+  module = types.ModuleType(_CLU_SUMMARY_WRITER, "clu's SummaryWriter on tensorboardX, from meme_jax.reporting.")
+
+  def module_getattr(name):
+    if name == "SummaryWriter":
       return _tensorboardx_writer_class()
-    raise AttributeError(attr)
+    raise AttributeError(name)
 
-  shim.__getattr__ = module_getattr
-  sys.modules[name] = shim
-
-
-_WRITER_CLASS = None
+  module.__getattr__ = module_getattr
+  sys.modules[_CLU_SUMMARY_WRITER] = module
 
 
+@functools.cache
 def _tensorboardx_writer_class():
-  """Defines `TensorBoardXWriter` (a clu MetricWriter) the first time it is asked for."""
-  global _WRITER_CLASS
-  if _WRITER_CLASS is not None:
-    return _WRITER_CLASS
-  from clu.metric_writers import interface  # pylint: disable=import-outside-toplevel
-  import tensorboardX  # pylint: disable=import-outside-toplevel
+  """`TensorBoardXWriter`, a clu `MetricWriter` writing TensorBoard event files with tensorboardX.
+
+  Made when clu's package asks for `SummaryWriter`: its base class lives in `clu.metric_writers.interface`, which
+  exists only once clu's `metric_writers/__init__.py` has started.
+  """
+  from clu.metric_writers import interface  # pylint: disable=import-outside-toplevel  # see the docstring
+  import tensorboardX  # pylint: disable=import-outside-toplevel  # start-up time: ~2 s, needed once a writer is made
 
   class TensorBoardXWriter(interface.MetricWriter):
     """A clu `MetricWriter` writing TensorBoard event files with tensorboardX (no TensorFlow needed)."""
@@ -106,11 +107,10 @@ def _tensorboardx_writer_class():
     def close(self):
       self._writer.close()
 
-  _WRITER_CLASS = TensorBoardXWriter
   return TensorBoardXWriter
 
 
-_install_tensorboardx_summary_writer()
+_provide_clu_summary_writer()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from clu import metric_writers
@@ -120,7 +120,7 @@ from clu import periodic_actions
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 __all__ = ["metric_writers", "periodic_actions", "clu_metrics", "create_writers", "HeatmapAccuracy",
-           "TopDownMetrics", "heatmap_pck_counts", "ProgressBar", "log_parameter_overview"]
+           "TopDownMetrics", "heatmap_pck_counts", "log_parameter_overview"]
 
 
 def tensorboard_writer(logdir: str):
@@ -155,7 +155,7 @@ def _argmax_coords(heatmaps):
 
 
 def heatmap_pck_counts(heatmaps, targets, threshold: float = 0.5):
-  """Per-joint (correct, counted) of the original train-time accuracy (spec eeffpose 5.5).
+  """Per-joint (correct, counted) of the original code's train-time accuracy, which it logs and nothing else uses.
 
   A PCK on heatmap argmaxes: distances are normalised by (H/10, W/10) of the heatmap (x by H/10 and y by W/10, as
   HRNet's `accuracy` does), a joint counts only when its target argmax has x > 1 and y > 1, and it is correct when
@@ -214,75 +214,7 @@ def metrics_to_scalars(metrics, prefix: str = "") -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Console.
-
-
-class ProgressBar:
-  """A progress bar on the console for long loops (training epochs, evaluation).
-
-  On a terminal it redraws one line a few times a second; otherwise (logs, CI) it prints a line every
-  `log_every_secs`. It only prints on process 0.
-  """
-
-  def __init__(self, total: int, description: str = "", stream=None, log_every_secs: float = 30.0,
-               width: int = 30, initial: int = 0):
-    self.total = max(int(total), 1)
-    self.description = description
-    self.stream = stream or sys.stderr
-    self.width = width
-    self.count = int(initial)
-    self._start_count = int(initial)
-    self.enabled = jax.process_index() == 0
-    self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-    self._min_interval = 0.2 if self.interactive else log_every_secs
-    self._start = time.monotonic()
-    self._last_draw = -math.inf
-    self._drawn = self.count
-    self.postfix = ""
-
-  def update(self, n: int = 1, **postfix) -> None:
-    self.count += n
-    if postfix:
-      self.postfix = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
-    now = time.monotonic()
-    if now - self._last_draw >= self._min_interval or self.count >= self.total:
-      self._draw(now)
-
-  def _draw(self, now: float) -> None:
-    if not self.enabled:
-      return
-    self._last_draw = now
-    self._drawn = self.count
-    done = min(self.count, self.total)
-    elapsed = now - self._start
-    rate = (done - self._start_count) / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - done) / rate if rate > 0 else math.inf
-    filled = int(self.width * done / self.total)
-    bar = "#" * filled + "." * (self.width - filled)
-    eta_text = "?" if math.isinf(eta) else _format_seconds(eta)
-    line = (f"{self.description} [{bar}] {done}/{self.total} {rate:.2f} it/s "
-            f"elapsed {_format_seconds(elapsed)} eta {eta_text} {self.postfix}")
-    if self.interactive:
-      self.stream.write("\r" + line[:200].ljust(120))
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-
-  def close(self) -> None:
-    if not self.enabled:
-      return
-    if self.count > self._drawn:
-      self._draw(time.monotonic())
-    if self.interactive and self._drawn > 0:
-      self.stream.write("\n")
-      self.stream.flush()
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+# Profiling and the parameter table.
 
 
 def end_profile(action) -> None:

@@ -2,18 +2,17 @@
 """Speed, compile time and memory of a config's model on the current device, as JSON (medians).
 
   # model: parameter count, inference at each batch size, the real trainer's train step, compile times
-  python scripts/benchmark.py model --config configs/eeffpose_p0.py --train-batch 64 --precision bfloat16 \
-      --infer-batches 1 256 --output p0.json
+  python scripts/benchmark.py model --config configs/eeffpose_p0.py --train_batch 64 --precision bfloat16 \
+      --infer_batches 1 --infer_batches 256 --output p0.json
   # the training input pipeline (JPEG decode + augmentation + targets) per CPU core
-  python scripts/benchmark.py data --config configs/eeffpose_p0.py --workers 1 2 --output data.json
+  python scripts/benchmark.py data --config configs/eeffpose_p0.py --workers 1 --workers 2 --output data.json
 
 Inputs are synthetic on-device tensors, so `model` measures the network and the train step alone; compare with
 `data` to see whether the input pipeline can feed it. Timings block on the results (`block_until_ready`) and are
 medians over `--steps` repetitions after a warm-up; compile times are measured separately (ahead-of-time
-`lower().compile()`), so they never pollute the step times. `--compilation-cache DIR` enables JAX's persistent
-compilation cache to measure warm compiles.
+`lower().compile()`), so they never pollute the step times. `--compilation_cache DIR` enables JAX's persistent
+compilation cache to measure warm compiles. Any config field can be set with `--config.SECTION.FIELD=VALUE`.
 """
-import argparse
 import json
 import os
 import platform
@@ -21,15 +20,33 @@ import statistics
 import sys
 import time
 
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+from data_pipelines import benchmark as data_benchmark
+from meme_jax import config as config_lib
+from meme_jax import parallel, schedules, train
+
+MODES = ("model", "data")
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG] to measure", lock_config=False)
+flags.DEFINE_string("output", "", "also write the JSON here")
+flags.DEFINE_integer("train_batch", 16, "model: global train batch; 0 skips the train step", lower_bound=0)
+flags.DEFINE_string("precision", "", "model: float32 | bfloat16 (default: the config's)")
+flags.DEFINE_multi_integer("infer_batches", [1, 16], "model: inference batch sizes (repeat the flag)", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "model: timed repetitions of each step", lower_bound=1)
+flags.DEFINE_string("compilation_cache", "", "model: persistent compilation cache directory")
+flags.DEFINE_multi_integer("workers", [1, 2], "data: worker counts to measure (repeat the flag)", lower_bound=0)
+flags.DEFINE_integer("samples", 512, "data: samples timed per worker count", lower_bound=1)
+flags.mark_flag_as_required("config")
 
 
 def _device_info():
-  import jax  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
   return dict(backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
               process_count=jax.process_count(), jax_version=jax.__version__, host=platform.node(),
@@ -37,7 +54,6 @@ def _device_info():
 
 
 def _peak_memory_bytes():
-  import jax  # pylint: disable=import-outside-toplevel
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
@@ -53,25 +69,8 @@ def _median_time(fn, steps: int, warmup: int = 2):
   return statistics.median(times), times
 
 
-def _config(spec: str, overrides):
-  import meme_jax  # pylint: disable=import-outside-toplevel
-  config = meme_jax.load_config(spec)
-  for item in overrides or []:
-    key, _, value = item.partition("=")
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
-  return config
-
-
 def benchmark_inference(config, batch_sizes, steps: int):
   """Inference (`train=False`) throughput and latency per batch size, with its compile time."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from meme_jax import train  # pylint: disable=import-outside-toplevel
-
   task = train.get_task(config)
   model = task.build_model(config)
   variables = train.initial_variables(model, config, jax.random.PRNGKey(0))
@@ -92,9 +91,6 @@ def benchmark_inference(config, batch_sizes, steps: int):
 
 def benchmark_train_step(config, batch_size: int, steps: int):
   """The trainer's own jitted, sharded, donated train step on synthetic on-device batches."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from meme_jax import parallel, schedules, train  # pylint: disable=import-outside-toplevel
-
   config = train.training_config(config)
   task = train.get_task(config)
   model = task.build_model(config)
@@ -132,61 +128,39 @@ def benchmark_train_step(config, batch_size: int, steps: int):
 
 
 def parameter_count(config) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from meme_jax import train  # pylint: disable=import-outside-toplevel
   model = train.get_task(config).build_model(config)
   dummy = jax.ShapeDtypeStruct((1,) + train.input_shape(config), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="mode", required=True)
-  model_p = sub.add_parser("model", help="parameters, inference and train-step speed, compile time, memory")
-  model_p.add_argument("--config", required=True)
-  model_p.add_argument("--set", nargs="*", default=[], help="config overrides key=value (JSON values)")
-  model_p.add_argument("--train-batch", type=int, default=16, help="global train batch; 0 skips the train step")
-  model_p.add_argument("--precision", default="", help="float32 | bfloat16 (default: the config's)")
-  model_p.add_argument("--infer-batches", type=int, nargs="*", default=[1, 16])
-  model_p.add_argument("--steps", type=int, default=10)
-  model_p.add_argument("--compilation-cache", default="", help="persistent compilation cache directory")
-  model_p.add_argument("--output", default="")
-  data_p = sub.add_parser("data", help="training input pipeline samples/s per CPU core")
-  data_p.add_argument("--config", required=True)
-  data_p.add_argument("--workers", type=int, nargs="*", default=[1, 2])
-  data_p.add_argument("--samples", type=int, default=512)
-  data_p.add_argument("--output", default="")
-  args = parser.parse_args(argv)
-
-  if args.mode == "data":
-    from data_pipelines import benchmark as data_benchmark  # pylint: disable=import-outside-toplevel
-    config = _config(args.config, [])
-    result = dict(mode="data", config=args.config,
-                  runs=[data_benchmark.measure_train_pipeline(config, num_workers=w, num_samples=args.samples)
-                        for w in args.workers])
+def main(argv) -> None:
+  if len(argv) != 2 or argv[1] not in MODES:
+    raise app.UsageError(f"give the mode first: {' or '.join(MODES)}")
+  mode, config = argv[1], FLAGS.config
+  config_file = config_flags.get_config_filename(FLAGS["config"])
+  if mode == "data":
+    result = dict(mode="data", config=config_file,
+                  runs=[data_benchmark.measure_train_pipeline(config, num_workers=w, num_samples=FLAGS.samples)
+                        for w in FLAGS.workers])
   else:
-    if args.compilation_cache:
-      import jax  # pylint: disable=import-outside-toplevel
-      jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    if FLAGS.compilation_cache:
+      jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
       jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    config = _config(args.config, args.set)
-    if args.precision:
-      config.train.mixed_precision = args.precision
-    result = dict(mode="model", config=args.config, overrides=args.set, device=_device_info(),
-                  parameters=parameter_count(config))
-    result["inference"] = benchmark_inference(config, args.infer_batches, args.steps)
-    if args.train_batch:
-      result["train_step"] = benchmark_train_step(config, args.train_batch, args.steps)
+    if FLAGS.precision:
+      config.train.mixed_precision = FLAGS.precision
+    result = dict(mode="model", config=config_file, overrides=config_flags.get_override_values(FLAGS["config"]),
+                  device=_device_info(), parameters=parameter_count(config))
+    result["inference"] = benchmark_inference(config, FLAGS.infer_batches, FLAGS.steps)
+    if FLAGS.train_batch:
+      result["train_step"] = benchmark_train_step(config, FLAGS.train_batch, FLAGS.steps)
   text = json.dumps(result, indent=2)
   print(text)
-  if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
+  if FLAGS.output:
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
       f.write(text + "\n")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))

@@ -5,9 +5,11 @@
 
 Same as `python -m meme_jax.convert`; see meme_jax/convert.py for the formats it reads.
 """
-import sys
+from absl import flags
 
 from meme_jax import convert
 
 if __name__ == "__main__":
-  sys.exit(convert.main())
+  convert.define_flags()
+  flags.adopt_module_key_flags(convert)  # absl's --help lists the flags of the main module only
+  convert.run()

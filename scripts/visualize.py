@@ -9,42 +9,42 @@ Without --results the ground truth is drawn (labelled joints at confidence 1, vi
 with it, the results' poses (joint confidence from the third value, person score in the box label; boxes are the
 poses' extents). The skeleton follows the joint count (17 COCO, 14 CrowdPose, 16 MPII) unless --dataset is given.
 """
-import argparse
 import collections
 import json
 import os
 import sys
 
+from absl import app
+from absl import flags
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from meme_jax import visualize  # pylint: disable=wrong-import-position
+from meme_jax import visualize
 
 _BY_JOINTS = {17: "coco", 14: "crowdpose", 16: "mpii"}
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("annotations", None, "COCO-format keypoint annotation file", required=True)
+flags.DEFINE_string("images", None, "folder with the images the annotations name", required=True)
+flags.DEFINE_string("output", None, "folder for the drawn images", required=True)
+flags.DEFINE_string("results", None, "COCO keypoint results JSON to draw instead of the ground truth")
+flags.DEFINE_enum("dataset", None, sorted(set(_BY_JOINTS.values())), "skeleton to use")
+flags.DEFINE_float("min_score", 0.0, "skip results scoring below this")
+flags.DEFINE_float("threshold", 0.2, "draw joints above this confidence")
+flags.DEFINE_integer("max_images", 0, "stop after this many images (0 = all)")
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--annotations", required=True, help="COCO-format keypoint annotation file")
-  parser.add_argument("--images", required=True, help="folder with the images the annotations name")
-  parser.add_argument("--output", required=True, help="folder for the drawn images")
-  parser.add_argument("--results", help="COCO keypoint results JSON to draw instead of the ground truth")
-  parser.add_argument("--dataset", choices=sorted(set(_BY_JOINTS.values())), help="skeleton to use")
-  parser.add_argument("--min_score", type=float, default=0.0, help="skip results scoring below this")
-  parser.add_argument("--threshold", type=float, default=0.2, help="draw joints above this confidence")
-  parser.add_argument("--max_images", type=int, default=0, help="stop after this many images (0 = all)")
-  args = parser.parse_args(argv)
 
-  with open(args.annotations, encoding="utf-8") as f:
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  with open(FLAGS.annotations, encoding="utf-8") as f:
     gt = json.load(f)
   images = {img["id"]: img for img in gt["images"]}
   poses = collections.defaultdict(list)
-  if args.results:
-    with open(args.results, encoding="utf-8") as f:
+  if FLAGS.results:
+    with open(FLAGS.results, encoding="utf-8") as f:
       for r in json.load(f):
-        if r.get("score", 1.0) >= args.min_score:
+        if r.get("score", 1.0) >= FLAGS.min_score:
           poses[r["image_id"]].append((np.asarray(r["keypoints"], float).reshape(-1, 3), float(r["score"])))
   else:
     for ann in gt["annotations"]:
@@ -57,36 +57,36 @@ def main(argv=None) -> int:
     print("nothing to draw", file=sys.stderr)
     return 1
   num_joints = next(iter(poses.values()))[0][0].shape[0]
-  dataset = args.dataset or _BY_JOINTS.get(num_joints)
+  dataset = FLAGS.dataset or _BY_JOINTS.get(num_joints)
   if dataset is None:
-    parser.error(f"no built-in skeleton for {num_joints} joints; pass --dataset")
+    raise app.UsageError(f"no built-in skeleton for {num_joints} joints; pass --dataset")
   skeleton = visualize.skeleton_for(dataset)
-  os.makedirs(args.output, exist_ok=True)
+  os.makedirs(FLAGS.output, exist_ok=True)
   written = 0
   for image_id, items in poses.items():
     if image_id not in images:
-      print(f"image_id {image_id} is not in {args.annotations}; skipped", file=sys.stderr)
+      print(f"image_id {image_id} is not in {FLAGS.annotations}; skipped", file=sys.stderr)
       continue
-    image = visualize.read_rgb(os.path.join(args.images, images[image_id]["file_name"]))
+    image = visualize.read_rgb(os.path.join(FLAGS.images, images[image_id]["file_name"]))
     keypoints = [k for k, _ in items]
     boxes = []
     for k in keypoints:
-      shown = k[k[:, 2] > args.threshold, :2]
+      shown = k[k[:, 2] > FLAGS.threshold, :2]
       if len(shown) == 0:
         boxes.append(None)
         continue
       lo, hi = shown.min(axis=0), shown.max(axis=0)
       boxes.append([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]])
-    scores = [s for _, s in items] if args.results else None
-    drawn = visualize.draw_poses(image, keypoints, skeleton, boxes=boxes, scores=scores, threshold=args.threshold)
-    name = os.path.splitext(images[image_id]["file_name"])[0] + ("_results" if args.results else "_gt") + ".jpg"
-    cv2.imwrite(os.path.join(args.output, name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    scores = [s for _, s in items] if FLAGS.results else None
+    drawn = visualize.draw_poses(image, keypoints, skeleton, boxes=boxes, scores=scores, threshold=FLAGS.threshold)
+    name = os.path.splitext(images[image_id]["file_name"])[0] + ("_results" if FLAGS.results else "_gt") + ".jpg"
+    cv2.imwrite(os.path.join(FLAGS.output, name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
     written += 1
-    if args.max_images and written >= args.max_images:
+    if FLAGS.max_images and written >= FLAGS.max_images:
       break
-  print(f"{written} images -> {args.output}")
+  print(f"{written} images -> {FLAGS.output}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
@@ -118,7 +119,7 @@ def _random_like(shapes, seed=0):
       else:
         value = 0.1 * rng.standard_normal(shape)
       flat[path] = value.astype(np.float32)
-    out[col] = convert._unflatten(flat)  # pylint: disable=protected-access
+    out[col] = traverse_util.unflatten_dict(flat)
   return out
 
 
@@ -482,7 +483,10 @@ def test_converter_command_line(plain_checkpoint, reference_variables, tmp_path)
   assert restored.keys() == reference.keys()
   assert all(np.array_equal(np.asarray(restored[k]), reference[k]) for k in reference)
   # A checkpoint that does not fit: exit status 2 and the offending keys on stderr.
-  assert convert.main([plain_checkpoint, "--config", P2, "--output", str(tmp_path / "no")]) == 2
+  result = subprocess.run([sys.executable, "-m", "meme_jax.convert", plain_checkpoint, "--config", P2,
+                           "--output", str(tmp_path / "no")], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 2, result.stderr
   assert not (tmp_path / "no").exists()
 
 
