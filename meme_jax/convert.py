@@ -180,7 +180,7 @@ def variable_shapes(config) -> Dict[str, Dict[Path, Tuple[int, ...]]]:
 _SHOWN_KEYS = 5
 
 
-def _format_keys(title: str, rows, limit: Optional[int] = None) -> str:
+def format_keys(title: str, rows, limit: Optional[int] = None) -> str:
   rows = list(rows)
   if not rows:
     return ""
@@ -213,9 +213,9 @@ def _mismatch_error(header: str, state_dict: Mapping[str, Any], sections,
     parts.append("No config in configs/ builds exactly this model" +
                  (f"; the nearest is {fitting}." if fitting is not None else "."))
   sections = [(title, list(rows)) for title, rows in sections if rows]
-  full = "\n".join(parts + [_format_keys(title, rows) for title, rows in sections])
+  full = "\n".join(parts + [format_keys(title, rows) for title, rows in sections])
   keys_file = _write_keys_file(source, full)
-  parts += [_format_keys(title, rows, None if keys_file is None else _SHOWN_KEYS) for title, rows in sections]
+  parts += [format_keys(title, rows, None if keys_file is None else _SHOWN_KEYS) for title, rows in sections]
   if keys_file is not None:
     parts.append(f"Every key: {keys_file}")
   return CheckpointMismatchError("\n".join(parts), keys_file)

@@ -223,35 +223,8 @@ def _run_mode(config) -> int:
   return 0
 
 
-def _resolve_config_argument(argv):
-  """Lets `--config configs/NAME.py[:ARG]` work from any directory (paths fall back to the repository root)."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    value, prefix = None, None
-    if arg.startswith("--config="):
-      prefix, value = "--config=", arg[len("--config="):]
-    elif arg == "--config" and i + 1 < len(out):
-      prefix, value = None, out[i + 1]
-    if value is None:
-      continue
-    path, sep, rest = value.partition(":")
-    try:
-      path = config_lib.resolve_config_path(path)
-    except FileNotFoundError:
-      continue
-    resolved = path + sep + rest
-    if prefix:
-      out[i] = prefix + resolved
-    else:
-      out[i + 1] = resolved
-  return out
-
-
 def run() -> None:
-  # Config files import `configs.common`; the repository root must be importable wherever we run from.
-  if config_lib.REPO_ROOT not in sys.path:
-    sys.path.insert(0, config_lib.REPO_ROOT)
-  app.run(main, argv=_resolve_config_argument(sys.argv))
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ plus image_file, frame and bbox) and pictures with the skeletons, joints coloure
 for images, DIR/<name>_pose.mp4 for a video (JPEG frames in DIR/<name>_frames/ when OpenCV cannot write video).
 """
 import os
+import sys
 from typing import Any, Dict, Optional
 
 from absl import app
@@ -23,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from meme_jax import config as config_lib
 from meme_jax import convert
 from meme_jax import models
 from meme_jax import tasks
@@ -113,4 +115,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))

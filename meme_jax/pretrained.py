@@ -118,7 +118,7 @@ def _require(state_dict: Mapping[str, Any], needed, known, source: str, what: st
   if missing or unknown:
     parts = [f"{source} is not a {what} for this model.",
              f"The checkpoint looks like: {convert.describe_state_dict(state_dict)}."]
-    parts += [convert._format_keys(title, rows, _SHOWN_KEYS)  # pylint: disable=protected-access
+    parts += [convert.format_keys(title, rows, _SHOWN_KEYS)
               for title, rows in (("missing keys", missing), ("unexpected keys", unknown)) if rows]
     raise convert.CheckpointMismatchError("\n".join(parts))
 

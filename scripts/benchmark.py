@@ -29,7 +29,7 @@ import numpy as np
 
 from data_pipelines import benchmark as data_benchmark
 from meme_jax import config as config_lib
-from meme_jax import parallel, schedules, train
+from meme_jax import parallel, schedules, tasks, train
 
 MODES = ("model", "data")
 FLAGS = flags.FLAGS
@@ -71,7 +71,7 @@ def _median_time(fn, steps: int, warmup: int = 2):
 
 def benchmark_inference(config, batch_sizes, steps: int):
   """Inference (`train=False`) throughput and latency per batch size, with its compile time."""
-  task = train.get_task(config)
+  task = tasks.get_task(config)
   model = task.build_model(config)
   variables = train.initial_variables(model, config, jax.random.PRNGKey(0))
   variables = jax.device_put(variables)
@@ -92,7 +92,7 @@ def benchmark_inference(config, batch_sizes, steps: int):
 def benchmark_train_step(config, batch_size: int, steps: int):
   """The trainer's own jitted, sharded, donated train step on synthetic on-device batches."""
   config = train.training_config(config)
-  task = train.get_task(config)
+  task = tasks.get_task(config)
   model = task.build_model(config)
   mesh = parallel.make_mesh()
   tx = schedules.make_optimizer(config.train)
@@ -101,7 +101,7 @@ def benchmark_train_step(config, batch_size: int, steps: int):
   accum = int(config.train.get("grad_accum_steps", 1))
   step_fn = train.jit_train_step(train.make_train_step(model, task, tx, accum_steps=accum, mesh=mesh), state, mesh)
   rng = np.random.default_rng(0)
-  shapes = train.task_batch_shapes(task, config, batch_size)
+  shapes = task.batch_shapes(batch_size)
   batch = {}
   for key, (shape, dtype) in shapes.items():
     if key not in task.batch_keys:
@@ -128,7 +128,7 @@ def benchmark_train_step(config, batch_size: int, steps: int):
 
 
 def parameter_count(config) -> int:
-  model = train.get_task(config).build_model(config)
+  model = tasks.get_task(config).build_model(config)
   dummy = jax.ShapeDtypeStruct((1,) + train.input_shape(config), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
