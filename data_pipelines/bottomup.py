@@ -28,7 +28,6 @@ import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from absl import flags
 import cv2
 import grain
 import numpy as np
@@ -317,11 +316,6 @@ class BottomUpTrainLoader:
     return iter(self.dataset)
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-  del worker_index, worker_count
-  workers.init_worker()
-
-
 def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[int] = None,
                           shard_count: Optional[int] = None, batch_size_per_process: Optional[int] = None,
                           num_workers: Optional[int] = None,
@@ -339,8 +333,7 @@ def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Op
       synthetic.ensure_synthetic_dataset(data)
     records = load_records(config)
   if shard_index is None or shard_count is None:
-    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    shard_index, shard_count = options.shard_index, options.shard_count
+    shard_index, shard_count = workers.shard_for_this_process()
   if batch_size_per_process is None:
     batch_size_per_process = int(config.train.batch_size) // int(shard_count)
   seed = int(data.get("seed", 0) if seed is None else seed)
@@ -349,12 +342,8 @@ def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Op
   prefetch = max(1, int(data.get("prefetch", 2)))
   ds = bottomup_dataset(config, records, seed=seed, shard_index=int(shard_index), shard_count=int(shard_count))
   if num_workers > 0:
-    if not flags.FLAGS.is_parsed():   # grain's worker processes read absl flags (unparsed in tests, notebooks)
-      flags.FLAGS.mark_as_parsed()
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=batch))
-    it = it.batch(batch, drop_remainder=True)
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
-                        worker_init_fn=_worker_init)
+    it = workers.prefetch_in_processes(it.batch(batch, drop_remainder=True), num_workers, prefetch)
   else:
     # Threads decode and augment single samples ahead (cv2 releases the GIL); batches are formed afterwards so the
     # read-ahead buffer holds samples, not whole batches of 1/2-resolution offset maps.
