@@ -39,11 +39,7 @@ from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import workers
 from data_pipelines.records import BadRecordError, SkipReport
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
 from meme_jax.codecs.dem import DEMCodec
-
-_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ annotations
@@ -245,7 +241,7 @@ class BottomUpSample(grain.transforms.RandomMap):
     warped = cv2.warpAffine(image, m_in, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     if flip:
       warped = warped[:, ::-1]
-    sample = {"image": ((warped.astype(np.float32) / 255.0 - _MEAN) / _STD).astype(np.float32)}
+    sample = {"image": images_lib.normalize_image(warped)}
     people_per_resolution = []
     mask_u8 = (mask * 255).astype(np.uint8)
     for i, r in enumerate(codec.output_sizes):
