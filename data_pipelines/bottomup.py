@@ -23,7 +23,6 @@ K = joints + 1, C = offset channels, P = `data.max_num_people`):
   offsets_0   (B, r_0, r_0, C) float32     offsets_1   (B, r_1, r_1, C) float32
   joints_0    (B, P, K, 2) int32: AE index lists at r_0, rows of (k * r_0^2 + y * r_0 + x, 1)
 """
-import collections
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -42,91 +41,16 @@ from data_pipelines.records import BadRecordError, SkipReport
 from meme_jax.codecs.dem import DEMCodec
 
 
-# ------------------------------------------------------------------------------------------------ annotations
+# ------------------------------------------------------------------------------------------------ records
 
-def _reorder(keypoints: np.ndarray, joint_order: Sequence[int]) -> np.ndarray:
-  return keypoints[:, list(joint_order)] if len(joint_order) else keypoints
-
-
-def _coco_records(path: str, image_dir: str, data, report: SkipReport) -> List[Dict[str, Any]]:
-  """One record per image with at least one person annotation of any kind (the original's training set)."""
-  coco = coco_lib.load_coco(path, report)
-  category = coco_lib.person_category(coco, data)
-  joint_order = tuple(data.get("joint_order", ()) or ())
-  num_annotated = len(joint_order) if joint_order else int(data.num_joints)
-  image_dir = os.path.abspath(image_dir)
-  records = []
-  for image_id in coco.getImgIds():
-    img = coco.imgs[image_id]
-    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if a["category_id"] == category]
-    if not anns:
-      continue
-    where = f"{path}: image {image_id} ({img['file_name']})"
-    width, height = img.get("width"), img.get("height")
-    if not (coco_lib.finite_pos(width) and coco_lib.finite_pos(height)):
-      report.bad(f"{where}: fields 'width'/'height' missing or not positive", "malformed image entry")
-      continue
-    people, masked, bad = [], [], False
-    for ann in anns:
-      ident = f"{where}, annotation {ann['id']}"
-      crowd = bool(ann.get("iscrowd", 0))
-      kpts = ann.get("keypoints")
-      if kpts is None and not crowd:
-        report.bad(f"{ident}: field 'keypoints' is missing", "malformed annotation")
-        bad = True
-        break
-      if kpts is not None:
-        if not records_lib.finite_numbers(kpts):
-          report.bad(f"{ident}: field 'keypoints' must be a list of finite numbers", "malformed annotation")
-          bad = True
-          break
-        if len(kpts) != 3 * num_annotated:
-          report.bad(f"{ident}: field 'keypoints' has {len(kpts)} values, expected {3 * num_annotated} "
-                     f"(3 x {num_annotated} joints)", "keypoint list of the wrong length")
-          bad = True
-          break
-      num_kpts = ann.get("num_keypoints")
-      if num_kpts is None:
-        num_kpts = 0 if kpts is None else int(np.count_nonzero(np.asarray(kpts, dtype=np.float64)[2::3] > 0))
-      if crowd or num_kpts == 0:
-        if ann.get("segmentation"):
-          masked.append(ann["segmentation"])
-      if not crowd or num_kpts > 0:
-        people.append(np.asarray(kpts, dtype=np.float64).reshape(num_annotated, 3))
-    if bad:
-      continue
-    image_file = os.path.join(image_dir, img["file_name"])
-    if not os.path.isfile(image_file):
-      report.bad(f"{where}: image file {image_file} does not exist", "missing image")
-      continue
-    keypoints = _reorder(np.stack(people), joint_order) if people else np.zeros((0, int(data.num_joints), 3))
-    records.append(dict(file=image_file, image_id=image_id, height=int(height),
-                        width=int(width), keypoints=keypoints.astype(np.float32), segmentations=masked))
-  return records
-
-
-def _mpii_records(path: str, image_dir: str, data, report: SkipReport) -> List[Dict[str, Any]]:
-  """The HRNet-style MPII json (one entry per person, `data_pipelines.mpii`), grouped into one record per image."""
-  joint_order = tuple(data.get("joint_order", ()) or ())
-  num_annotated = len(joint_order) if joint_order else int(data.num_joints)
-  annotated = data.copy_and_resolve_references() if hasattr(data, "copy_and_resolve_references") else data
-  annotated.num_joints = num_annotated   # the json holds the annotation's joints; re-ordered below
-  annotated.pixel_std = annotated.get("pixel_std", 200.0)
-  by_image = collections.OrderedDict()
-  for person in mpii_lib.load_mpii_records(path, image_dir, annotated, report):
-    visible = np.asarray(person["visible"], dtype=np.float64)[:, None] > 0
-    kpts = np.concatenate([np.asarray(person["joints"], dtype=np.float64), np.ones((num_annotated, 1))], axis=1)
-    by_image.setdefault((person["image_file"], person["image_id"]), []).append(np.where(visible, kpts, 0.0))
-  # MPII states no image size: height and width are -1 (the sample reads them from the image).
-  return [dict(file=file, image_id=image_id, height=-1, width=-1,
-               keypoints=_reorder(np.stack(people), joint_order).astype(np.float32), segmentations=[])
-          for (file, image_id), people in by_image.items()]
+def _format_lib(data):
+  return mpii_lib if data.get("format", "coco") == "mpii" else coco_lib
 
 
 def load_records(config, annotations: Optional[str] = None, images: Optional[str] = None) -> List[Dict[str, Any]]:
   """The training images of `config.data` as records: file, image_id, height, width (-1 when the annotation does
   not say), keypoints (N, J, 3) float32 in the network's joint order (`data.joint_order`), and the segmentations
-  whose pixels the loss ignores (crowds and people without keypoints).
+  whose pixels the loss ignores (crowds and people without keypoints). Only images with a person annotation.
 
   Bad records raise `BadRecordError` naming file, record and field, or are skipped and counted when
   `data.skip_bad_records` is set.
@@ -135,13 +59,27 @@ def load_records(config, annotations: Optional[str] = None, images: Optional[str
   annotations = annotations or data.train_annotations
   images = images or data.train_images
   report = SkipReport(f"{annotations} (bottom-up train)", records_lib.skip_bad_records(data))
-  if data.get("format", "coco") == "mpii":
-    records = _mpii_records(annotations, images, data, report)
-  else:
-    records = _coco_records(annotations, images, data, report)
+  records = _format_lib(data).load_image_records(annotations, os.path.abspath(images), data, train=True,
+                                                 report=report)
   report.log()
   if not records:
     raise BadRecordError(f"{annotations}: no image has a person annotation")
+  return records
+
+
+def load_image_records(config, annotations: Optional[str] = None, images: Optional[str] = None
+                       ) -> List[Dict[str, Any]]:
+  """Every image of the validation annotations (also those without people), for bottom-up evaluation:
+  {image_id, file, height, width, keypoints (N, J, 3) float64 in the network's joint order}. MPII records also list
+  the people the protocol evaluates: {index (row of gt_valid.mat), center, scale} (0-based pixels; height and width
+  are -1 until the image is read). Image files are read later, when evaluated; bad records as in `load_records`."""
+  data = config.data
+  annotations = annotations or data.val_annotations
+  images = images or data.val_images
+  report = SkipReport(f"{annotations} (bottom-up val)", records_lib.skip_bad_records(data))
+  records = _format_lib(data).load_image_records(annotations, images, data, train=False, report=report,
+                                                 check_files=False)
+  report.log()
   return records
 
 
