@@ -38,6 +38,7 @@ from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import workers
 from data_pipelines.records import BadRecordError, SkipReport
+from meme_jax.codecs import affine
 from meme_jax.codecs.dem import DEMCodec
 
 
@@ -108,23 +109,6 @@ def annotation_mask(segmentations: Sequence[Any], height: int, width: int, where
 
 # ------------------------------------------------------------------------------------------------ augmentation
 
-def affine_matrix(center, scale: float, resolution: int, rotation_deg: float = 0.0) -> np.ndarray:
-  """2x3 matrix mapping the square of side 200 * scale centred at `center` onto a resolution x resolution map,
-  rotated by `rotation_deg` (counter-clockwise in the image as seen, i.e. the original's -rot) about the map centre."""
-  side = 200.0 * scale
-  r = float(resolution)
-  m = np.array([[r / side, 0.0, r * (0.5 - center[0] / side)],
-                [0.0, r / side, r * (0.5 - center[1] / side)],
-                [0.0, 0.0, 1.0]])
-  if rotation_deg != 0:
-    a = -rotation_deg * np.pi / 180.0
-    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    to_origin = np.array([[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2], [0.0, 0.0, 1.0]])
-    back = np.array([[1.0, 0.0, r / 2], [0.0, 1.0, r / 2], [0.0, 0.0, 1.0]])
-    m = back @ rot @ to_origin @ m
-  return m[:2]
-
-
 def sample_affine(rng: np.random.Generator, height: int, width: int, data) -> Dict[str, Any]:
   """Draws (center, scale, rotation) of the random affine (spec 5)."""
   scale_type = data.get("scale_type", "short")
@@ -175,7 +159,7 @@ class BottomUpSample(grain.transforms.RandomMap):
       aff = dict(center=np.array([width / 2.0, height / 2.0]), scale=min(height, width) / 200.0, rotation=0.0)
       flip = False
     size = codec.input_size
-    m_in = affine_matrix(aff["center"], aff["scale"], size, aff["rotation"])
+    m_in = affine.square_crop_matrix(aff["center"], aff["scale"], size, aff["rotation"])
     warped = cv2.warpAffine(image, m_in, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     if flip:
       warped = warped[:, ::-1]
@@ -183,7 +167,7 @@ class BottomUpSample(grain.transforms.RandomMap):
     people_per_resolution = []
     mask_u8 = (mask * 255).astype(np.uint8)
     for i, r in enumerate(codec.output_sizes):
-      m_out = affine_matrix(aff["center"], aff["scale"], r, aff["rotation"])
+      m_out = affine.square_crop_matrix(aff["center"], aff["scale"], r, aff["rotation"])
       m = cv2.warpAffine(mask_u8, m_out, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) / 255.0
       m = (m > 0.5).astype(np.float32)
       p = transform_people(people, m_out)
