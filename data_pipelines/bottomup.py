@@ -23,12 +23,10 @@ K = joints + 1, C = offset channels, P = `data.max_num_people`):
   offsets_0   (B, r_0, r_0, C) float32     offsets_1   (B, r_1, r_1, C) float32
   joints_0    (B, P, K, 2) int32: AE index lists at r_0, rows of (k * r_0^2 + y * r_0 + x, 1)
 """
-import collections
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from absl import flags
 import cv2
 import grain
 import numpy as np
@@ -40,98 +38,20 @@ from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import workers
 from data_pipelines.records import BadRecordError, SkipReport
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from meme_jax.codecs import affine
 from meme_jax.codecs.dem import DEMCodec
 
-_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
+# ------------------------------------------------------------------------------------------------ records
 
-# ------------------------------------------------------------------------------------------------ annotations
-
-def _reorder(keypoints: np.ndarray, joint_order: Sequence[int]) -> np.ndarray:
-  return keypoints[:, list(joint_order)] if len(joint_order) else keypoints
-
-
-def _coco_records(path: str, image_dir: str, data, report: SkipReport) -> List[Dict[str, Any]]:
-  """One record per image with at least one person annotation of any kind (the original's training set)."""
-  coco = coco_lib.load_coco(path, report)
-  category = coco_lib.person_category(coco, data)
-  joint_order = tuple(data.get("joint_order", ()) or ())
-  num_annotated = len(joint_order) if joint_order else int(data.num_joints)
-  image_dir = os.path.abspath(image_dir)
-  records = []
-  for image_id in coco.getImgIds():
-    img = coco.imgs[image_id]
-    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if a["category_id"] == category]
-    if not anns:
-      continue
-    where = f"{path}: image {image_id} ({img['file_name']})"
-    width, height = img.get("width"), img.get("height")
-    if not (coco_lib.finite_pos(width) and coco_lib.finite_pos(height)):
-      report.bad(f"{where}: fields 'width'/'height' missing or not positive", "malformed image entry")
-      continue
-    people, masked, bad = [], [], False
-    for ann in anns:
-      ident = f"{where}, annotation {ann['id']}"
-      crowd = bool(ann.get("iscrowd", 0))
-      kpts = ann.get("keypoints")
-      if kpts is None and not crowd:
-        report.bad(f"{ident}: field 'keypoints' is missing", "malformed annotation")
-        bad = True
-        break
-      if kpts is not None:
-        if not records_lib.finite_numbers(kpts):
-          report.bad(f"{ident}: field 'keypoints' must be a list of finite numbers", "malformed annotation")
-          bad = True
-          break
-        if len(kpts) != 3 * num_annotated:
-          report.bad(f"{ident}: field 'keypoints' has {len(kpts)} values, expected {3 * num_annotated} "
-                     f"(3 x {num_annotated} joints)", "keypoint list of the wrong length")
-          bad = True
-          break
-      num_kpts = ann.get("num_keypoints")
-      if num_kpts is None:
-        num_kpts = 0 if kpts is None else int(np.count_nonzero(np.asarray(kpts, dtype=np.float64)[2::3] > 0))
-      if crowd or num_kpts == 0:
-        if ann.get("segmentation"):
-          masked.append(ann["segmentation"])
-      if not crowd or num_kpts > 0:
-        people.append(np.asarray(kpts, dtype=np.float64).reshape(num_annotated, 3))
-    if bad:
-      continue
-    image_file = os.path.join(image_dir, img["file_name"])
-    if not os.path.isfile(image_file):
-      report.bad(f"{where}: image file {image_file} does not exist", "missing image")
-      continue
-    keypoints = _reorder(np.stack(people), joint_order) if people else np.zeros((0, int(data.num_joints), 3))
-    records.append(dict(file=image_file, image_id=image_id, height=int(height),
-                        width=int(width), keypoints=keypoints.astype(np.float32), segmentations=masked))
-  return records
-
-
-def _mpii_records(path: str, image_dir: str, data, report: SkipReport) -> List[Dict[str, Any]]:
-  """The HRNet-style MPII json (one entry per person, `data_pipelines.mpii`), grouped into one record per image."""
-  joint_order = tuple(data.get("joint_order", ()) or ())
-  num_annotated = len(joint_order) if joint_order else int(data.num_joints)
-  annotated = data.copy_and_resolve_references() if hasattr(data, "copy_and_resolve_references") else data
-  annotated.num_joints = num_annotated   # the json holds the annotation's joints; re-ordered below
-  annotated.pixel_std = annotated.get("pixel_std", 200.0)
-  by_image = collections.OrderedDict()
-  for person in mpii_lib.load_mpii_records(path, image_dir, annotated, report):
-    visible = np.asarray(person["visible"], dtype=np.float64)[:, None] > 0
-    kpts = np.concatenate([np.asarray(person["joints"], dtype=np.float64), np.ones((num_annotated, 1))], axis=1)
-    by_image.setdefault((person["image_file"], person["image_id"]), []).append(np.where(visible, kpts, 0.0))
-  # MPII states no image size: height and width are -1 (the sample reads them from the image).
-  return [dict(file=file, image_id=image_id, height=-1, width=-1,
-               keypoints=_reorder(np.stack(people), joint_order).astype(np.float32), segmentations=[])
-          for (file, image_id), people in by_image.items()]
+def _format_lib(data):
+  return mpii_lib if data.get("format", "coco") == "mpii" else coco_lib
 
 
 def load_records(config, annotations: Optional[str] = None, images: Optional[str] = None) -> List[Dict[str, Any]]:
   """The training images of `config.data` as records: file, image_id, height, width (-1 when the annotation does
   not say), keypoints (N, J, 3) float32 in the network's joint order (`data.joint_order`), and the segmentations
-  whose pixels the loss ignores (crowds and people without keypoints).
+  whose pixels the loss ignores (crowds and people without keypoints). Only images with a person annotation.
 
   Bad records raise `BadRecordError` naming file, record and field, or are skipped and counted when
   `data.skip_bad_records` is set.
@@ -140,13 +60,27 @@ def load_records(config, annotations: Optional[str] = None, images: Optional[str
   annotations = annotations or data.train_annotations
   images = images or data.train_images
   report = SkipReport(f"{annotations} (bottom-up train)", records_lib.skip_bad_records(data))
-  if data.get("format", "coco") == "mpii":
-    records = _mpii_records(annotations, images, data, report)
-  else:
-    records = _coco_records(annotations, images, data, report)
+  records = _format_lib(data).load_image_records(annotations, os.path.abspath(images), data, train=True,
+                                                 report=report)
   report.log()
   if not records:
     raise BadRecordError(f"{annotations}: no image has a person annotation")
+  return records
+
+
+def load_image_records(config, annotations: Optional[str] = None, images: Optional[str] = None
+                       ) -> List[Dict[str, Any]]:
+  """Every image of the validation annotations (also those without people), for bottom-up evaluation:
+  {image_id, file, height, width, keypoints (N, J, 3) float64 in the network's joint order}. MPII records also list
+  the people the protocol evaluates: {index (row of gt_valid.mat), center, scale} (0-based pixels; height and width
+  are -1 until the image is read). Image files are read later, when evaluated; bad records as in `load_records`."""
+  data = config.data
+  annotations = annotations or data.val_annotations
+  images = images or data.val_images
+  report = SkipReport(f"{annotations} (bottom-up val)", records_lib.skip_bad_records(data))
+  records = _format_lib(data).load_image_records(annotations, images, data, train=False, report=report,
+                                                 check_files=False)
+  report.log()
   return records
 
 
@@ -174,23 +108,6 @@ def annotation_mask(segmentations: Sequence[Any], height: int, width: int, where
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
-
-def affine_matrix(center, scale: float, resolution: int, rotation_deg: float = 0.0) -> np.ndarray:
-  """2x3 matrix mapping the square of side 200 * scale centred at `center` onto a resolution x resolution map,
-  rotated by `rotation_deg` (counter-clockwise in the image as seen, i.e. the original's -rot) about the map centre."""
-  side = 200.0 * scale
-  r = float(resolution)
-  m = np.array([[r / side, 0.0, r * (0.5 - center[0] / side)],
-                [0.0, r / side, r * (0.5 - center[1] / side)],
-                [0.0, 0.0, 1.0]])
-  if rotation_deg != 0:
-    a = -rotation_deg * np.pi / 180.0
-    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    to_origin = np.array([[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2], [0.0, 0.0, 1.0]])
-    back = np.array([[1.0, 0.0, r / 2], [0.0, 1.0, r / 2], [0.0, 0.0, 1.0]])
-    m = back @ rot @ to_origin @ m
-  return m[:2]
-
 
 def sample_affine(rng: np.random.Generator, height: int, width: int, data) -> Dict[str, Any]:
   """Draws (center, scale, rotation) of the random affine (spec 5)."""
@@ -242,15 +159,15 @@ class BottomUpSample(grain.transforms.RandomMap):
       aff = dict(center=np.array([width / 2.0, height / 2.0]), scale=min(height, width) / 200.0, rotation=0.0)
       flip = False
     size = codec.input_size
-    m_in = affine_matrix(aff["center"], aff["scale"], size, aff["rotation"])
+    m_in = affine.square_crop_matrix(aff["center"], aff["scale"], size, aff["rotation"])
     warped = cv2.warpAffine(image, m_in, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     if flip:
       warped = warped[:, ::-1]
-    sample = {"image": ((warped.astype(np.float32) / 255.0 - _MEAN) / _STD).astype(np.float32)}
+    sample = {"image": images_lib.normalize_image(warped)}
     people_per_resolution = []
     mask_u8 = (mask * 255).astype(np.uint8)
     for i, r in enumerate(codec.output_sizes):
-      m_out = affine_matrix(aff["center"], aff["scale"], r, aff["rotation"])
+      m_out = affine.square_crop_matrix(aff["center"], aff["scale"], r, aff["rotation"])
       m = cv2.warpAffine(mask_u8, m_out, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) / 255.0
       m = (m > 0.5).astype(np.float32)
       p = transform_people(people, m_out)
@@ -317,11 +234,6 @@ class BottomUpTrainLoader:
     return iter(self.dataset)
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-  del worker_index, worker_count
-  workers.init_worker()
-
-
 def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[int] = None,
                           shard_count: Optional[int] = None, batch_size_per_process: Optional[int] = None,
                           num_workers: Optional[int] = None,
@@ -339,8 +251,7 @@ def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Op
       synthetic.ensure_synthetic_dataset(data)
     records = load_records(config)
   if shard_index is None or shard_count is None:
-    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    shard_index, shard_count = options.shard_index, options.shard_count
+    shard_index, shard_count = workers.shard_for_this_process()
   if batch_size_per_process is None:
     batch_size_per_process = int(config.train.batch_size) // int(shard_count)
   seed = int(data.get("seed", 0) if seed is None else seed)
@@ -349,12 +260,8 @@ def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Op
   prefetch = max(1, int(data.get("prefetch", 2)))
   ds = bottomup_dataset(config, records, seed=seed, shard_index=int(shard_index), shard_count=int(shard_count))
   if num_workers > 0:
-    if not flags.FLAGS.is_parsed():   # grain's worker processes read absl flags (unparsed in tests, notebooks)
-      flags.FLAGS.mark_as_parsed()
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=batch))
-    it = it.batch(batch, drop_remainder=True)
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
-                        worker_init_fn=_worker_init)
+    it = workers.prefetch_in_processes(it.batch(batch, drop_remainder=True), num_workers, prefetch)
   else:
     # Threads decode and augment single samples ahead (cv2 releases the GIL); batches are formed afterwards so the
     # read-ahead buffer holds samples, not whole batches of 1/2-resolution offset maps.

@@ -1,4 +1,5 @@
-"""COCO-format keypoint datasets (COCO, CrowdPose, OCHuman, custom sets) as top-down person records.
+"""COCO-format keypoint datasets (COCO, CrowdPose, OCHuman, custom sets): top-down person records and bottom-up
+image records, both read by one image / annotation reader with one set of checks.
 
 Any COCO-format keypoint file works by config alone: `data.num_joints`, `data.flip_pairs`, `data.oks_sigmas` describe
 the keypoint convention, and `data.category_id` (default: the first category of the file, as the original) picks the
@@ -11,15 +12,18 @@ person category. The record rule is the original's (spec eeffpose 4.3):
 Annotations without an 'area' field (CrowdPose) use the box area w*h for the record; their box is then checked for
 zero area as below, rather than left out by the area test.
 
-Bad data that the rule above would turn into a wrong crop is an error naming the file and record (or a counted skip
-with `data.skip_bad_records`): a malformed annotation (missing or non-numeric fields), a keypoint list of the wrong
-length, a box of zero area (w <= 0 or h <= 0, or a clipped box that collapses to a point), a missing image file.
+The bottom-up records (`load_image_records`) are whole images with every person of the person category.
+
+Bad data that the rules would turn into a wrong crop or target is an error naming the file and record (or a counted
+skip with `data.skip_bad_records`): a malformed image entry or annotation (missing or non-numeric fields), a keypoint
+list of the wrong length, a box of zero area (w <= 0 or h <= 0, or a clipped box that collapses to a point), a
+missing image file.
 """
 import contextlib
 import io
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -109,22 +113,14 @@ def load_coco_records(annotation_file: str, image_dir: str, data_config, *, trai
     report = SkipReport(f"{annotation_file} ({split})", records_lib.skip_bad_records(data_config))
   coco = load_coco(annotation_file, report)
   num_joints = int(data_config.num_joints)
-  category = person_category(coco, data_config)
   image_dir = os.path.abspath(image_dir)
   records: List[Dict[str, Any]] = []
-  for image_id in coco.getImgIds():
-    img = coco.imgs[image_id]
-    width, height = img.get("width"), img.get("height")
-    where = f"{annotation_file}: image {image_id} ({img['file_name']})"
-    if not (finite_pos(width) and finite_pos(height)):
-      report.bad(f"{where}: width/height missing or not positive", "malformed image entry")
-      continue
+  for where, img, annotations in image_entries(coco, annotation_file, data_config, report):
+    width, height = img["width"], img["height"]
     image_file = os.path.join(image_dir, img["file_name"])
     image_records = []
-    for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+    for ann in annotations:
       if ann.get("iscrowd", 0):
-        continue
-      if ann["category_id"] != category:
         continue
       rec = _annotation_record(ann, where, width, height, image_file, num_joints, data_config, report)
       if rec is not None:
@@ -134,6 +130,100 @@ def load_coco_records(annotation_file: str, image_dir: str, data_config, *, trai
                  count=len(image_records))
       continue
     records.extend(image_records)
+  if own_report:
+    report.log()
+  return records
+
+
+def image_entries(coco: COCO, annotation_file: str, data_config, report: SkipReport, *,
+                  with_people_only: bool = False) -> Iterator[Tuple[str, Dict[str, Any], List[Dict[str, Any]]]]:
+  """The images of a COCO-format file in file order, each with its annotations of the person category (file order)
+  and a name for messages: (where, image entry, annotations). Images whose width/height are missing or not positive
+  go to `report`; `with_people_only` leaves out, unchecked, the images with no person annotation."""
+  category = person_category(coco, data_config)
+  for image_id in coco.getImgIds():
+    img = coco.imgs[image_id]
+    annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if a["category_id"] == category]
+    if with_people_only and not annotations:
+      continue
+    where = f"{annotation_file}: image {image_id} ({img['file_name']})"
+    if not (finite_pos(img.get("width")) and finite_pos(img.get("height"))):
+      report.bad(f"{where}: fields 'width'/'height' missing or not positive", "malformed image entry")
+      continue
+    yield where, img, annotations
+
+
+def person_keypoints(ann: Dict[str, Any], ident: str, num_joints: int, report: SkipReport) -> Optional[np.ndarray]:
+  """The `keypoints` of an annotation as (num_joints, 3) float64 (x, y, v), or None when missing or malformed
+  (reported to `report`, `ident` naming the annotation)."""
+  keypoints = ann.get("keypoints")
+  if keypoints is None:
+    report.bad(f"{ident}: field 'keypoints' is missing", "malformed annotation")
+    return None
+  if not records_lib.finite_numbers(keypoints):
+    report.bad(f"{ident}: field 'keypoints' must be a list of finite numbers", "malformed annotation")
+    return None
+  if len(keypoints) != 3 * num_joints:
+    report.bad(f"{ident}: field 'keypoints' has {len(keypoints)} values, expected {3 * num_joints} "
+               f"(3 x {num_joints} joints)", "keypoint list of the wrong length")
+    return None
+  return np.asarray(keypoints, dtype=np.float64).reshape(num_joints, 3)
+
+
+def load_image_records(annotation_file: str, image_dir: str, data_config, *, train: bool,
+                       report: Optional[SkipReport] = None, check_files: bool = True) -> List[Dict[str, Any]]:
+  """Bottom-up records of a COCO-format keypoint file: one per image, in file order, with file (`image_dir` joined
+  with the file name), image_id, height, width and keypoints (N, J, 3) in the network's joint order
+  (`data.joint_order`).
+
+  Training (`train`): the images with at least one annotation of the person category (the original's training set);
+  the people are the annotations with `iscrowd == 0` or `num_keypoints > 0`, keypoints float32; `segmentations`
+  lists the regions the loss ignores, those of crowds and of people without keypoints. Evaluation: every image,
+  also those without people; the people are the non-crowd annotations, the ones the metric scores, keypoints
+  float64. An image with a malformed annotation is bad as a whole.
+  """
+  own_report = report is None
+  if own_report:
+    report = SkipReport(f"{annotation_file} ({'train' if train else 'val'})", records_lib.skip_bad_records(data_config))
+  coco = load_coco(annotation_file, report)
+  joint_order = list(data_config.get("joint_order", ()) or ())
+  num_annotated = len(joint_order) if joint_order else int(data_config.num_joints)
+  records: List[Dict[str, Any]] = []
+  for where, img, annotations in image_entries(coco, annotation_file, data_config, report, with_people_only=train):
+    people, masked, bad = [], [], False
+    for ann in annotations:
+      crowd = bool(ann.get("iscrowd", 0))
+      if crowd and not train:
+        continue
+      kpts = None
+      if not crowd or ann.get("keypoints") is not None:   # a crowd region needs no keypoints
+        kpts = person_keypoints(ann, f"{where}, annotation {ann['id']}", num_annotated, report)
+        if kpts is None:
+          bad = True
+          break
+      if not train:
+        people.append(kpts)
+        continue
+      num_kpts = ann.get("num_keypoints")
+      if num_kpts is None:
+        num_kpts = 0 if kpts is None else int(np.count_nonzero(kpts[:, 2] > 0))
+      if crowd or num_kpts == 0:
+        if ann.get("segmentation"):
+          masked.append(ann["segmentation"])
+      if (not crowd or num_kpts > 0) and kpts is not None:
+        people.append(kpts)
+    if bad:
+      continue
+    image_file = os.path.join(image_dir, img["file_name"])
+    if check_files and not os.path.isfile(image_file):
+      report.bad(f"{where}: image file {image_file} does not exist", "missing image")
+      continue
+    keypoints = np.asarray([p[joint_order] if joint_order else p for p in people], np.float32 if train else np.float64)
+    record = dict(file=image_file, image_id=img["id"], height=int(img["height"]), width=int(img["width"]),
+                  keypoints=keypoints.reshape(-1, num_annotated, 3))
+    if train:
+      record["segmentations"] = masked
+    records.append(record)
   if own_report:
     report.log()
   return records
@@ -150,13 +240,8 @@ def _annotation_record(ann, where, width, height, image_file, num_joints, data_c
   if not records_lib.finite_numbers(box, 4):
     report.bad(f"{ident}: field 'bbox' must be 4 finite numbers, got {box!r}", "malformed annotation")
     return None
-  keypoints = ann.get("keypoints")
-  if not records_lib.finite_numbers(keypoints):
-    report.bad(f"{ident}: field 'keypoints' must be a list of finite numbers", "malformed annotation")
-    return None
-  if len(keypoints) != 3 * num_joints:
-    report.bad(f"{ident}: field 'keypoints' has {len(keypoints)} values, expected {3 * num_joints} "
-               f"(3 x num_joints={num_joints})", "keypoint list of the wrong length")
+  kp = person_keypoints(ann, ident, num_joints, report)
+  if kp is None:
     return None
   area = ann.get("area", box[2] * box[3])
   if not records_lib.finite_numbers([area]):
@@ -165,12 +250,11 @@ def _annotation_record(ann, where, width, height, image_file, num_joints, data_c
   # The original's filter: these are ordinary COCO annotations, left out without counting. An area derived from the
   # box is not a fact of the annotation: a zero-area box must reach the check below.
   clean = clip_box(box, width, height)
-  if ("area" in ann and area <= 0) or clean is None or max(keypoints) == 0:
+  if ("area" in ann and area <= 0) or clean is None or kp.max() == 0:
     return None
   if box[2] <= 0 or box[3] <= 0 or (clean[2] <= 0 and clean[3] <= 0):
     report.bad(f"{ident}: field 'bbox' {box} has zero area", "zero-area box")
     return None
-  kp = np.asarray(keypoints, dtype=np.float64).reshape(num_joints, 3)
   if (kp[:, 2] < 0).any():
     report.bad(f"{ident}: field 'keypoints' has a negative visibility flag", "malformed annotation")
     return None

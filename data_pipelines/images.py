@@ -1,4 +1,5 @@
-"""Reading images: one JPEG/PNG decode per call, RGB or BGR, with errors that name the file."""
+"""Reading images (one JPEG/PNG decode per call, RGB or BGR, with errors that name the file) and the ImageNet
+normalisation every network input gets."""
 from typing import Optional, Sequence
 
 import cv2
@@ -9,6 +10,18 @@ from data_pipelines.records import BadRecordError
 # IMREAD_IGNORE_ORIENTATION: the annotations refer to the stored pixel grid, as in the original (spec 4.4 step 1).
 _FLAGS_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _FLAGS_BGR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+
+# The ImageNet statistics of the pretrained backbones, RGB order.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_image(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+  """(..., 3) pixels in 0..255 -> float32 `(x / 255 - mean) / std` per channel, every step in float32 as
+  torchvision's ToTensor + Normalize compute it. `mean`/`std` are in the image's channel order (RGB by default)."""
+  mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+  return ((np.asarray(image, dtype=np.float32) / np.float32(255.0) - mean) / std).astype(np.float32)
 
 
 def decode_image(data: bytes, *, color_rgb: bool = True, name: str = "<bytes>",

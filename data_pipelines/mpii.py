@@ -1,15 +1,17 @@
-"""MPII Human Pose in the HRNet-style json (`annot/{train,valid,trainval}.json`) and `gt_valid.mat`.
+"""MPII Human Pose in the HRNet-style json (`annot/{train,valid,trainval}.json`): top-down person records and
+bottom-up image records, both read by one entry parser.
 
 Each json entry is one person: `image`, `center` (1-based pixels), `scale` (one number, box side / 200), and for
-labelled splits `joints` (16 x 2, 1-based) and `joints_vis`. The record rule is the original's (spec eeffpose 4.3):
-if center x != -1: center y += 15 * scale and scale *= 1.25; then center -= 1 and joints -= 1; scale is (s, s).
+labelled splits `joints` (16 x 2, 1-based) and `joints_vis`. The top-down record rule is the original's: if center
+x != -1: center y += 15 * scale and scale *= 1.25; then center -= 1 and joints -= 1; scale is (s, s).
+The PCKh ground truth `gt_valid.mat` is read by the metric (`meme_jax.metrics.mpii.load_gt_mat`).
 """
+import collections
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import scipy.io
 
 from data_pipelines import coco as coco_lib
 from data_pipelines import records as records_lib
@@ -24,22 +26,14 @@ def _image_id(name: str, ids: Dict[str, int]) -> int:
   return ids[name]
 
 
-def load_mpii_records(json_file: str, image_dir: str, data_config, report: Optional[SkipReport] = None,
-                      check_files: bool = True) -> List[Dict[str, Any]]:
-  """Person records of an HRNet-style MPII json. `bbox` is the square box of side 200*scale (padded) around the
-  adjusted center, `area` its area, as the original's evaluation box; entries without joints (the test split) get
-  zero joints that are not visible."""
-  own_report = report is None
-  if own_report:
-    report = SkipReport(f"{json_file} (mpii)", records_lib.skip_bad_records(data_config))
+def _entries(json_file: str, num_joints: int, report: SkipReport
+             ) -> Iterator[Tuple[int, str, Dict[str, Any], np.ndarray, np.ndarray]]:
+  """The well-formed person entries of an HRNet-style MPII json, in file order: (row in the file, a name for
+  messages, the entry, joints (J, 2) float64 0-based, visible (J,) float64 0/1). Entries without joints (the test
+  split) get zero joints that are not visible; malformed ones go to `report`."""
   entries = coco_lib.read_json(json_file)
   if not isinstance(entries, list):
     raise BadRecordError(f"{json_file}: expected a list of person entries")
-  num_joints = int(data_config.num_joints)
-  image_dir = os.path.abspath(image_dir)
-  ids: Dict[str, int] = {}
-  exists: Dict[str, bool] = {}
-  records = []
   for i, a in enumerate(entries):
     ident = f"{json_file}: entry {i}"
     if not isinstance(a, dict) or not isinstance(a.get("image"), str):
@@ -68,19 +62,38 @@ def load_mpii_records(json_file: str, image_dir: str, data_config, report: Optio
         continue
       joints = np.asarray(raw, dtype=np.float64) - 1.0
       visible = np.minimum(np.asarray(vis, dtype=np.float64), 1.0)
-    c = np.asarray(center, dtype=np.float64)
-    s = np.array([scale, scale], dtype=np.float64)
+    yield i, ident, a, joints, visible
+
+
+def _file_exists(image_file: str, exists: Dict[str, bool]) -> bool:
+  if image_file not in exists:
+    exists[image_file] = os.path.isfile(image_file)
+  return exists[image_file]
+
+
+def load_mpii_records(json_file: str, image_dir: str, data_config, report: Optional[SkipReport] = None,
+                      check_files: bool = True) -> List[Dict[str, Any]]:
+  """Person records of an HRNet-style MPII json. `bbox` is the square box of side 200*scale (padded) around the
+  adjusted center, `area` its area, as the original's evaluation box; entries without joints (the test split) get
+  zero joints that are not visible."""
+  own_report = report is None
+  if own_report:
+    report = SkipReport(f"{json_file} (mpii)", records_lib.skip_bad_records(data_config))
+  image_dir = os.path.abspath(image_dir)
+  ids: Dict[str, int] = {}
+  exists: Dict[str, bool] = {}
+  records = []
+  for _, ident, a, joints, visible in _entries(json_file, int(data_config.num_joints), report):
+    c = np.asarray(a["center"], dtype=np.float64)
+    s = np.array([a["scale"], a["scale"]], dtype=np.float64)
     if c[0] != -1:
       c[1] = c[1] + 15 * s[1]
       s = s * 1.25
     c = c - 1
     image_file = os.path.join(image_dir, a["image"])
-    if check_files:
-      if image_file not in exists:
-        exists[image_file] = os.path.isfile(image_file)
-      if not exists[image_file]:
-        report.bad(f"{ident}: image file {image_file} does not exist", "missing image")
-        continue
+    if check_files and not _file_exists(image_file, exists):
+      report.bad(f"{ident}: image file {image_file} does not exist", "missing image")
+      continue
     side = s[0] * data_config.pixel_std
     records.append(records_lib.make_record(
         image_file=image_file, image_id=_image_id(a["image"], ids), center=c, scale=s, score=1.0,
@@ -90,28 +103,47 @@ def load_mpii_records(json_file: str, image_dir: str, data_config, report: Optio
   return records
 
 
-def load_gt_valid_mat(path: str) -> Dict[str, np.ndarray]:
-  """`gt_valid.mat` -> dict(jnt_missing (16, N), pos_gt_src (16, 2, N), headboxes_src (2, 2, N)) for PCKh (spec 5.4),
-  plus `dataset_joints` when the file has it."""
-  try:
-    mat = scipy.io.loadmat(path)
-  except FileNotFoundError:
-    raise BadRecordError(f"{path}: file not found") from None
-  except Exception as e:  # scipy raises several types for corrupt files
-    raise BadRecordError(f"{path}: cannot read the .mat file ({e})") from None
-  out = {}
-  for key, ndim in (("jnt_missing", 2), ("pos_gt_src", 3), ("headboxes_src", 3)):
-    if key not in mat:
-      raise BadRecordError(f"{path}: key {key!r} missing (has {sorted(k for k in mat if not k.startswith('__'))})")
-    value = np.asarray(mat[key])
-    if value.ndim != ndim:
-      raise BadRecordError(f"{path}: {key!r} has shape {value.shape}, expected {ndim} dimensions")
-    out[key] = value
-  n = out["jnt_missing"].shape[1]
-  num_joints = out["jnt_missing"].shape[0]
-  if out["pos_gt_src"].shape != (num_joints, 2, n) or out["headboxes_src"].shape != (2, 2, n):
-    raise BadRecordError(f"{path}: inconsistent shapes jnt_missing {out['jnt_missing'].shape}, pos_gt_src "
-                         f"{out['pos_gt_src'].shape}, headboxes_src {out['headboxes_src'].shape}")
-  if "dataset_joints" in mat:
-    out["dataset_joints"] = mat["dataset_joints"]
-  return out
+def load_image_records(json_file: str, image_dir: str, data_config, *, train: bool,
+                       report: Optional[SkipReport] = None, check_files: bool = True) -> List[Dict[str, Any]]:
+  """Bottom-up records of an HRNet-style MPII json: one per image (in order of first appearance) with every person
+  entry of it. Each has file (`image_dir` joined with the entry's image), image_id, height = width = -1 (MPII states
+  no image size) and keypoints (N, J, 3) in the network's joint order (`data.joint_order`), 0-based, (0, 0, 0) for
+  joints that are not visible: float32 with `train`, float64 otherwise.
+
+  Training records (`train`) also hold `segmentations`, always empty (MPII has none). Evaluation records list the
+  people the protocol evaluates instead: people [{index (the entry's row, as in gt_valid.mat), center (0-based, as
+  the file states it), scale}].
+  """
+  own_report = report is None
+  if own_report:
+    report = SkipReport(f"{json_file} (mpii)", records_lib.skip_bad_records(data_config))
+  joint_order = list(data_config.get("joint_order", ()) or ())
+  num_annotated = len(joint_order) if joint_order else int(data_config.num_joints)
+  ids: Dict[str, int] = {}
+  exists: Dict[str, bool] = {}
+  by_image: Dict[str, Dict[str, Any]] = collections.OrderedDict()
+  for i, ident, a, joints, visible in _entries(json_file, num_annotated, report):
+    image_file = os.path.join(image_dir, a["image"])
+    if check_files and not _file_exists(image_file, exists):
+      report.bad(f"{ident}: image file {image_file} does not exist", "missing image")
+      continue
+    record = by_image.get(a["image"])
+    if record is None:
+      record = by_image[a["image"]] = dict(file=image_file, image_id=_image_id(a["image"], ids), height=-1,
+                                           width=-1, keypoints=[])
+      if train:
+        record["segmentations"] = []
+      else:
+        record["people"] = []
+    person = np.concatenate([joints, np.ones((num_annotated, 1))], axis=1)
+    person[visible <= 0] = 0.0
+    record["keypoints"].append(person[joint_order] if joint_order else person)
+    if not train:
+      record["people"].append(dict(index=i, center=np.asarray(a["center"], np.float64) - 1.0,
+                                   scale=float(a["scale"])))
+  if own_report:
+    report.log()
+  dtype = np.float32 if train else np.float64
+  for record in by_image.values():
+    record["keypoints"] = np.asarray(record["keypoints"], dtype).reshape(-1, num_annotated, 3)
+  return list(by_image.values())

@@ -28,7 +28,6 @@ import sys
 import weakref
 from typing import Any, Dict, Iterator, List, Optional
 
-from absl import flags
 from absl import logging
 import grain
 import numpy as np
@@ -233,9 +232,6 @@ class _ChunkPlanDataset(grain.MapDataset):
     return f"TrainChunks(batches_per_chunk={self.plan.batches_per_chunk}, batch_size={self.plan.batch_size})"
 
 
-_IN_WORKER_PROCESS = False
-
-
 class _ProcessChunk(grain.transforms.Map):
   """A chunk description -> its finished batches: image (M, B, H, W, 3), heatmaps (M, B, h, w, J), target_weight
   (M, B, J), plus `skipped_epochs`, the epoch of every person skipped for an unreadable image.
@@ -271,7 +267,7 @@ class _ProcessChunk(grain.transforms.Map):
     """The chunk's arrays and how they travel: None (this process), a slot descriptor (worker, shared slot), or a
     fresh SharedMemoryArray (worker, every slot still in use downstream; grain hands it over)."""
     arrays, nbytes = self._layout()
-    if not _IN_WORKER_PROCESS:
+    if not workers.in_worker_process():
       if getattr(self, "_local", None) is None:
         self._local = shared_slots.LocalSlots(nbytes)
       return shared_slots.views(self._local.buffer(), arrays), None
@@ -449,19 +445,6 @@ def _close_live_iterators() -> None:
       pass
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-  del worker_index, worker_count
-  global _IN_WORKER_PROCESS
-  _IN_WORKER_PROCESS = True
-  workers.init_worker()
-
-
-def _ensure_absl_flags_parsed() -> None:
-  # grain's worker processes read absl flags; outside absl.app (tests, notebooks) they are not parsed yet.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 @dataclasses.dataclass
 class TrainLoader:
   """An infinite iterable of training batches. `iter(loader)` gives a grain DatasetIterator with get_state/set_state.
@@ -497,12 +480,6 @@ class TrainLoader:
                 skipped_total=int(state["skipped_total"]), skipped_at_load=self.skipped_at_load)
 
 
-def shard_for_this_process():
-  """(shard_index, shard_count) of this JAX process, as grain's ShardByJaxProcess gives them."""
-  options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  return options.shard_index, options.shard_count
-
-
 def train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[int] = None,
                  shard_count: Optional[int] = None, batch_size_per_process: Optional[int] = None,
                  num_workers: Optional[int] = None, records=None) -> TrainLoader:
@@ -515,7 +492,7 @@ def train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[in
     report.log()
   table = _table(config, records)
   if shard_index is None or shard_count is None:
-    shard_index, shard_count = shard_for_this_process()
+    shard_index, shard_count = workers.shard_for_this_process()
   if batch_size_per_process is None:
     batch_size_per_process = int(config.train.batch_size) // shard_count
   num_workers = int(data.get("num_workers", 0) if num_workers is None else num_workers)
@@ -526,11 +503,8 @@ def train_loader(config, *, seed: Optional[int] = None, shard_index: Optional[in
                    bool(data.get("group_by_image", True)))
   ds = _ChunkPlanDataset(plan).map(_ProcessChunk(data, plan))
   if num_workers > 0 and data.get("worker_type", "process") == "process":
-    _ensure_absl_flags_parsed()
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=int(data.get("prefetch", 2))),
-                        worker_init_fn=_worker_init)
+    ds = workers.prefetch_in_processes(ds, num_workers, int(data.get("prefetch", 2)))
   else:
     # Threads (or the main thread with num_workers=0): cv2 releases the GIL while decoding and warping.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,

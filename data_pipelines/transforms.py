@@ -14,14 +14,12 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
+from data_pipelines.images import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 from meme_jax import keypoints as keypoints_lib
 from meme_jax.codecs import affine
 from meme_jax.codecs.heatmap import MSRAHeatmap, codec_from_config
 
 Sample = Dict[str, Any]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_image(image: np.ndarray, center, scale, rotation: float, image_size: Tuple[int, int],
@@ -165,15 +163,15 @@ class AffineCrop:
 
 
 class Normalize:
-  """uint8 -> float32 `(x / 255 - mean) / std` per channel (spec 4.4 step 7). `mean`/`std` are in the image's channel
-  order (RGB by default). The values are those of ToTensor + Normalize in float32, bit for bit: they are computed
-  once per uint8 level in that order and looked up (one pass over the crop instead of three)."""
+  """uint8 -> float32 `images.normalize_image` (the original's ToTensor + Normalize) for the crops of the top-down
+  pipeline. `mean`/`std` are in the image's channel order (RGB by default). The values are `normalize_image`'s bit
+  for bit: computed once per uint8 level and looked up (one pass over the crop instead of three)."""
 
   def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
     self.mean = np.asarray(mean, dtype=np.float32)
     self.std = np.asarray(std, dtype=np.float32)
-    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
-    self.table = ((levels - self.mean) / self.std).astype(np.float32).reshape(256, 1, 3)
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    self.table = normalize_image(levels, self.mean, self.std).reshape(256, 1, 3)
 
   def __call__(self, sample: Sample, rng: np.random.Generator = None) -> Sample:
     sample["image"] = self.apply(sample["image"])
@@ -182,7 +180,7 @@ class Normalize:
   def apply(self, image: np.ndarray, out: np.ndarray = None) -> np.ndarray:
     """(H, W, 3) uint8 -> float32, written into `out` when given."""
     if image.dtype != np.uint8:
-      result = (np.asarray(image, np.float32) / np.float32(255.0) - self.mean) / self.std
+      result = normalize_image(image, self.mean, self.std)
       if out is None:
         return result
       out[...] = result

@@ -1,4 +1,5 @@
-"""What every grain worker process of the input pipelines does first: one core for cv2, and exit with the trainer.
+"""The grain plumbing the input pipelines share: which shard this process reads, starting the worker processes, and
+what every worker does first (one core for cv2, exit with the trainer).
 
 grain stops its worker processes when the trainer closes the iterator or exits normally. A trainer killed outright
 (SIGKILL: an OOM kill, a node failure) does neither, and its workers would wait on their full queues for ever,
@@ -8,8 +9,32 @@ holding their memory and keeping multiprocessing's resource tracker alive, so th
 import multiprocessing
 import os
 import threading
+from typing import Tuple
 
+from absl import flags
 import cv2
+import grain
+
+# Set in worker processes only: where the pipelines place their batches depends on it (shared memory to hand them to
+# the trainer, plain memory inside the trainer).
+_in_worker_process = False
+
+
+def in_worker_process() -> bool:
+  """True in a worker process started by `prefetch_in_processes`."""
+  return _in_worker_process
+
+
+def shard_for_this_process() -> Tuple[int, int]:
+  """(shard_index, shard_count) of this JAX process, as grain's ShardByJaxProcess gives them."""
+  options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  return options.shard_index, options.shard_count
+
+
+def ensure_absl_flags_parsed() -> None:
+  # grain's worker processes read absl flags; outside absl.app (tests, notebooks) they are not parsed yet.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def _exit_when_parent_is_gone(parent) -> None:
@@ -36,7 +61,20 @@ def exit_with_parent() -> None:
   threading.Thread(target=_exit_when_parent_is_gone, args=(parent,), name="exit-with-trainer", daemon=True).start()
 
 
-def init_worker() -> None:
+def init_worker(worker_index: int = 0, worker_count: int = 1) -> None:
   """The start of every worker process (grain's `worker_init_fn`)."""
+  del worker_index, worker_count
+  global _in_worker_process
+  _in_worker_process = True
   cv2.setNumThreads(1)     # one core per worker; cv2's own threads would oversubscribe
   exit_with_parent()
+
+
+def prefetch_in_processes(dataset: grain.IterDataset, num_workers: int,
+                          per_worker_buffer_size: int) -> grain.IterDataset:
+  """`dataset` produced by `num_workers` worker processes, each `init_worker`ed, holding up to
+  `per_worker_buffer_size` elements ready."""
+  ensure_absl_flags_parsed()
+  return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                          per_worker_buffer_size=per_worker_buffer_size),
+                             worker_init_fn=init_worker)

@@ -1,5 +1,5 @@
 """Bottom-up training data (data_pipelines.bottomup) on the real COCO / CrowdPose / MPII samples: records, crowd
-masks (pycocotools), the affine against the top-down affine, flips, batches, resume, and a CrowdPose batch that
+masks (pycocotools), the bottom-up affine against the top-down one, flips, batches, resume, and a CrowdPose batch that
 trains."""
 import copy
 import json
@@ -112,7 +112,7 @@ def test_crowd_region_is_zero_in_the_target_masks(coco_paths, tmp_path):
 @pytest.mark.parametrize("rotation", [0.0, 23.0, -17.5])
 def test_augmentation_affine_equals_the_top_down_affine(rotation):
   center, scale = np.array([301.0, 207.5]), 2.4
-  ours = bottomup.affine_matrix(center, scale, 128, rotation)
+  ours = affine.square_crop_matrix(center, scale, 128, rotation)
   reference = affine.get_affine_transform(center, np.array([scale, scale]), rotation, (128, 128))
   np.testing.assert_allclose(ours, reference, atol=1e-4)
 

@@ -1,4 +1,4 @@
-"""MPII: the HRNet-style json on the real samples, and the gt_valid.mat reader."""
+"""MPII: the HRNet-style json on the real samples, and the gt_valid.mat reader the PCKh metric uses."""
 import json
 import os
 
@@ -10,6 +10,7 @@ import meme_jax
 from data_pipelines import mpii
 from data_pipelines import topdown
 from data_pipelines.records import BadRecordError
+from meme_jax.metrics import mpii as mpii_metric
 from conftest import shared_path
 
 
@@ -62,17 +63,17 @@ def test_gt_valid_mat(tmp_path):
   pos = rng.uniform(0, 500, size=(16, 2, n))
   heads = rng.uniform(0, 500, size=(2, 2, n))
   path = tmp_path / "gt_valid.mat"
-  names = np.array(["rank", "rkne"], dtype=object)
+  names = np.array(mpii_metric.GT_JOINT_NAMES, dtype=object)
   scipy.io.savemat(str(path), dict(jnt_missing=jnt_missing, pos_gt_src=pos, headboxes_src=heads,
                                    dataset_joints=names))
-  gt = mpii.load_gt_valid_mat(str(path))
+  gt = mpii_metric.load_gt_mat(str(path))
   np.testing.assert_array_equal(gt["jnt_missing"], jnt_missing)
   np.testing.assert_array_equal(gt["pos_gt_src"], pos)
   np.testing.assert_array_equal(gt["headboxes_src"], heads)
   assert "dataset_joints" in gt
   scipy.io.savemat(str(path), dict(jnt_missing=jnt_missing, pos_gt_src=pos))
-  with pytest.raises(BadRecordError, match="'headboxes_src' missing"):
-    mpii.load_gt_valid_mat(str(path))
+  with pytest.raises(ValueError, match="'headboxes_src' missing"):
+    mpii_metric.load_gt_mat(str(path))
   scipy.io.savemat(str(path), dict(jnt_missing=jnt_missing, pos_gt_src=pos[:, :, :3], headboxes_src=heads))
-  with pytest.raises(BadRecordError, match="inconsistent shapes"):
-    mpii.load_gt_valid_mat(str(path))
+  with pytest.raises(ValueError, match="inconsistent shapes"):
+    mpii_metric.load_gt_mat(str(path))

@@ -4,6 +4,11 @@ A person box is a centre (x, y) and a scale (s_x, s_y) in units of `pixel_std` (
 centre to the middle of the output and the (rotated) vector (0, -s_x * 200 / 2) to (0, -W_out / 2); only s_x sets the
 zoom, the height follows from the output aspect ratio. The UDP crop maps the box edges onto the first and last pixel
 centres, so that a crop, its heatmap and their mirror images share one pixel grid. `crop_matrix` chooses between them.
+
+The bottom-up augmentation maps a square of side `scale * pixel_std` onto a square map (`square_crop_matrix`): the
+HRNet crop's transform for a square output, but composed in float64 as the bottom-up original does, where
+`get_affine_transform` solves it from three float32 points. The two differ by up to about 1e-3 pixels, which moves
+warped pixels and target peaks, so each pipeline keeps the construction of its original.
 """
 from typing import Tuple
 
@@ -44,6 +49,25 @@ def get_affine_transform(center, scale, rotation_deg, output_size, shift=(0.0, 0
   if inverse:
     return cv2.getAffineTransform(np.float32(dst), np.float32(src))
   return cv2.getAffineTransform(np.float32(src), np.float32(dst))
+
+
+def square_crop_matrix(center, scale: float, resolution: int, rotation_deg: float = 0.0,
+                       pixel_std: float = 200.0) -> np.ndarray:
+  """2x3 matrix mapping the square of side `scale * pixel_std` centred at `center` onto a resolution x resolution
+  map, rotated by `rotation_deg` about the map centre in the sense of `get_affine_transform` (counter-clockwise in
+  the image as seen)."""
+  side = pixel_std * float(scale)
+  r = float(resolution)
+  m = np.array([[r / side, 0.0, r * (0.5 - center[0] / side)],
+                [0.0, r / side, r * (0.5 - center[1] / side)],
+                [0.0, 0.0, 1.0]])
+  if rotation_deg != 0:
+    a = -rotation_deg * np.pi / 180.0
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    to_origin = np.array([[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2], [0.0, 0.0, 1.0]])
+    back = np.array([[1.0, 0.0, r / 2], [0.0, 1.0, r / 2], [0.0, 0.0, 1.0]])
+    m = back @ rot @ to_origin @ m
+  return m[:2]
 
 
 def udp_warp_matrix(center, scale, rotation_deg: float, output_size: Tuple[int, int],

@@ -24,22 +24,35 @@ GT_JOINT_NAMES = ("rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "thor"
 
 
 def load_gt_mat(path: str) -> Dict[str, np.ndarray]:
-  """Reads `gt_valid.mat`: jnt_missing (16, N), pos_gt_src (16, 2, N), headboxes_src (2, 2, N) (1-based pixels)."""
+  """Reads `gt_valid.mat`: jnt_missing (16, N), pos_gt_src (16, 2, N), headboxes_src (2, 2, N) (1-based pixels),
+  and `dataset_joints` (the joint names) when the file has them, which must be the MPII order of the predictions."""
   from scipy.io import loadmat  # pylint: disable=import-outside-toplevel
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"MPII ground truth {path!r} not found (config.data.val_gt_mat: the HRNet "
                             f"annot/gt_valid.mat)")
-  mat = loadmat(path)
+  try:
+    mat = loadmat(path)
+  except Exception as e:  # pylint: disable=broad-except  (scipy raises several types for corrupt files)
+    raise ValueError(f"{path}: cannot read the .mat file ({e})") from None
   gt = {}
-  for key in _GT_KEYS:
+  for key, ndim in zip(_GT_KEYS, (2, 3, 3)):
     if key not in mat:
-      raise KeyError(f"{path}: no {key!r} (expected keys {_GT_KEYS})")
+      raise ValueError(f"{path}: key {key!r} missing (has {sorted(k for k in mat if not k.startswith('__'))}; "
+                     f"expected {_GT_KEYS})")
     gt[key] = np.asarray(mat[key], dtype=np.float64)
+    if gt[key].ndim != ndim:
+      raise ValueError(f"{path}: {key!r} has shape {gt[key].shape}, expected {ndim} dimensions")
   if "dataset_joints" in mat:
     names = tuple(str(np.asarray(x).ravel()[0]) for x in np.asarray(mat["dataset_joints"], dtype=object).ravel())
     if names != GT_JOINT_NAMES:
       raise ValueError(f"{path}: dataset_joints {names} differ from the MPII order {GT_JOINT_NAMES}")
-  check_gt(gt, path)
+    gt["dataset_joints"] = names
+  try:
+    check_gt(gt, path)
+  except ValueError:
+    raise ValueError(f"{path}: inconsistent shapes jnt_missing {gt['jnt_missing'].shape}, pos_gt_src "
+                     f"{gt['pos_gt_src'].shape}, headboxes_src {gt['headboxes_src'].shape} (expected (16, N), "
+                     f"(16, 2, N), (2, 2, N))") from None
   return gt
 
 
