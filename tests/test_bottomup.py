@@ -14,6 +14,7 @@ import pytest
 
 import meme_jax
 from configs import dem_common
+from data_pipelines import bottomup as bottomup_data
 from meme_jax.bottomup import benchmark as bottomup_benchmark
 from meme_jax.bottomup import evaluation as evaluate_bottomup
 from meme_jax.bottomup import grouping
@@ -162,7 +163,7 @@ def test_codec_upper_bound_mpii_samples():
   config = sample_config("mpii")
   with open(config.data.val_annotations, encoding="utf-8") as f:
     entries = json.load(f)
-  records = evaluate_bottomup.load_image_records(config)
+  records = bottomup_data.load_image_records(config)
   assert sum(len(r["people"]) for r in records) == len(entries) == 5
   # Network order: joint 0 is the left shoulder (MPII 13), 15 the head top (MPII 9).
   np.testing.assert_allclose(records[0]["keypoints"][0, 0, :2], np.asarray(entries[0]["joints"][13]) - 1)
@@ -235,7 +236,7 @@ def test_scale_aggregation_and_tag_scale():
 
 def test_evaluate_bottomup_and_predict_images(tiny_coco, tmp_path):
   config, apply_fn, variables, runner = tiny_coco
-  records = evaluate_bottomup.load_image_records(config)
+  records = bottomup_data.load_image_records(config)
   assert [r["image_id"] for r in records] == [785, 40083, 196141, 197388]
   records = records[:2]                 # 425 x 640 and 333 x 500: both a 128 x 256 input
   result = evaluate_bottomup.evaluate_bottomup(config, apply_fn, variables, records, workdir=str(tmp_path),

@@ -20,9 +20,7 @@ from configs import dem_common
 from data_pipelines import bottomup as bottomup_data
 from data_pipelines.images import read_image
 from meme_jax import predict, train
-from meme_jax.bottomup import evaluation as evaluate_bottomup
 from meme_jax.bottomup import inference as bottomup
-from meme_jax.bottomup import predict as bottomup_predict
 from meme_jax.bottomup import scenes
 from meme_jax.codecs.dem import DEMCodec
 from meme_jax.losses.dem import dem_loss
@@ -112,7 +110,7 @@ def test_the_loss_falls_well_below_predicting_nothing(trained):
 def test_heatmaps_find_the_people_in_held_out_images(trained):
   config, summary, variables = trained
   assert "AP" in summary["stats"]       # the trainer's own COCO evaluation ran on the same images
-  records = evaluate_bottomup.load_image_records(config)
+  records = bottomup_data.load_image_records(config)
   runner = bottomup.BottomUp(config, predict.build_apply_fn(config), variables)
   maps = [runner.maps(read_image(r["file"])) for r in records]
   people = [r["keypoints"] for r in records]

@@ -11,16 +11,13 @@ person whose joints' mean lies closest to that position, and joints go back to t
 - `codec_upper_bound(config, workdir=...)`: the metric when the network is replaced by ideal outputs rendered
   from the ground truth with the training codec.
 """
-import collections
-import json
-import os
-import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
+from data_pipelines import bottomup as bottomup_data
 from data_pipelines import images as images_lib
 from meme_jax.bottomup.inference import BottomUp
 from meme_jax.bottomup.inference import Prediction
@@ -31,86 +28,6 @@ from meme_jax.metrics import protocols
 
 # ---------------------------------------------------------------------------------------------------------------
 # Records.
-
-
-def _read_json(path: str):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"annotation file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _mpii_image_id(name: str, ids: Dict[str, int]) -> int:
-  """MPII has no image ids: the file name's digits (005808361.jpg -> 5808361), else the order of appearance."""
-  if name not in ids:
-    digits = re.sub(r"\D", "", os.path.splitext(os.path.basename(name))[0])
-    ids[name] = int(digits) if digits else len(ids)
-  return ids[name]
-
-
-def load_image_records(config, annotations: Optional[str] = None, images: Optional[str] = None
-                       ) -> List[Dict[str, Any]]:
-  """Every image of the validation annotations: {image_id, file, height, width, keypoints (N, J, 3) in the
-  network's joint order}; MPII records also list their people: {index (row of gt_valid.mat), center, scale}
-  (0-based pixels; height and width are -1 until the image is read)."""
-  data = config.data
-  annotations = annotations or data.val_annotations
-  images = images or data.val_images
-  joint_order = list(data.get("joint_order", ()) or ())
-  num_joints = int(data.num_joints)
-  content = _read_json(annotations)
-  records = []
-  if data.get("format", "coco") == "mpii":
-    if not isinstance(content, list):
-      raise ValueError(f"{annotations}: expected a list of person entries (HRNet MPII format)")
-    ids: Dict[str, int] = {}
-    by_image: Dict[str, Dict[str, Any]] = collections.OrderedDict()
-    for i, entry in enumerate(content):
-      for field in ("image", "center", "scale"):
-        if field not in entry:
-          raise ValueError(f"{annotations}: entry {i} has no field {field!r}")
-      record = by_image.setdefault(entry["image"], dict(
-          image_id=_mpii_image_id(entry["image"], ids), file=os.path.join(images, entry["image"]), height=-1,
-          width=-1, people=[], keypoints=[]))
-      record["people"].append(dict(index=i, center=np.asarray(entry["center"], np.float64) - 1.0,
-                                   scale=float(entry["scale"])))
-      person = np.zeros((num_joints, 3))
-      if "joints" in entry:
-        joints = np.asarray(entry["joints"], np.float64)
-        vis = np.asarray(entry.get("joints_vis", np.ones(len(joints))), np.float64).reshape(-1)
-        if joints.shape != (num_joints, 2) or vis.shape != (num_joints,):
-          raise ValueError(f"{annotations}: entry {i}: fields 'joints' {joints.shape} / 'joints_vis' {vis.shape} "
-                           f"do not hold {num_joints} joints")
-        person[:, :2] = joints - 1.0
-        person[:, 2] = vis > 0
-        person[vis <= 0] = 0.0
-      record["keypoints"].append(person[joint_order] if joint_order else person)
-    records = list(by_image.values())
-  else:
-    for field in ("images", "annotations"):
-      if field not in content:
-        raise ValueError(f"{annotations}: no {field!r} list (expected COCO-format keypoint annotations)")
-    people = collections.defaultdict(list)
-    num_annotated = len(joint_order) if joint_order else num_joints
-    for ann in content["annotations"]:
-      if ann.get("iscrowd", 0) or "keypoints" not in ann:
-        continue
-      kpts = np.asarray(ann["keypoints"], np.float64)
-      if kpts.size != 3 * num_annotated:
-        raise ValueError(f"{annotations}: annotation {ann.get('id')}: field 'keypoints' has {kpts.size} values, "
-                         f"expected {3 * num_annotated}")
-      kpts = kpts.reshape(num_annotated, 3)
-      people[ann["image_id"]].append(kpts[joint_order] if joint_order else kpts)
-    for image in content["images"]:
-      for field in ("id", "file_name", "height", "width"):
-        if field not in image:
-          raise ValueError(f"{annotations}: image record {image.get('id', '?')} has no field {field!r}")
-      records.append(dict(image_id=image["id"], file=os.path.join(images, image["file_name"]),
-                          height=int(image["height"]), width=int(image["width"]),
-                          keypoints=people.get(image["id"], [])))
-  for record in records:
-    record["keypoints"] = np.asarray(record["keypoints"], np.float64).reshape(-1, num_joints, 3)
-  return records
 
 
 def _image(record: Mapping[str, Any]) -> np.ndarray:
@@ -207,7 +124,7 @@ def evaluate_bottomup(config, apply_fn, variables, image_records: Sequence[Mappi
   AP (E), AP (M), AP (H); MPII: Head, ..., Mean).
 
   `apply_fn(variables, images) -> the four DEM maps` (e.g. `meme_jax.predict.build_apply_fn(config)`);
-  `image_records` from `load_image_records(config)`. With `details=True` returns a dict with the stats, the
+  `image_records` from `data_pipelines.bottomup.load_image_records(config)`. With `details=True` returns a dict with the stats, the
   per-image predictions, the results file and timings.
   """
   if not image_records:
@@ -237,9 +154,10 @@ def codec_upper_bound(config, records: Optional[Sequence[Mapping[str, Any]]] = N
   """The metric when the network outputs are the ideal maps of the ground truth (training codec targets at each of
   `scale_factors`, plus the mirror with the flip test) and everything after the network is the evaluation's own
   path: flip merge, projection, offset de-normalisation, grouping, adjust / refine, back-projection, results JSON,
-  COCOeval / CrowdPose / PCKh. `records` default to `load_image_records(config)`."""
+  COCOeval / CrowdPose / PCKh. `records` default to the validation images
+  (`data_pipelines.bottomup.load_image_records`)."""
   if records is None:
-    records = load_image_records(config)
+    records = bottomup_data.load_image_records(config)
   sized = []
   for record in records:
     record = dict(record)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import transforms
+from data_pipelines import images as images_lib
 from meme_jax.bottomup import grouping
 from meme_jax.codecs.affine import apply_affine, get_affine_transform
 from meme_jax.codecs.dem import DEMCodec
@@ -250,7 +250,6 @@ class BottomUp:
     self.options = options or TestOptions.from_config(config)
     self.variables = variables
     self._apply_fn = apply_fn
-    self._normalize = transforms.Normalize()      # RGB input, ImageNet statistics, as in training
     self._scale_fn = jax.jit(self._scale_maps, static_argnames=("base_hw", "with_tags"))
     self._combine_fn = jax.jit(self._combine, static_argnames=("base_hw", "with_tags"))
 
@@ -276,7 +275,7 @@ class BottomUp:
     inputs = []
     for s in sorted(self.options.scale_factors, reverse=True):
       resized, _, _ = resize_align(image, self.options.input_size, s, min_scale)
-      inputs.append((s, self._normalize.apply(resized)))
+      inputs.append((s, images_lib.normalize_image(resized)))    # RGB, ImageNet statistics, as in training
     return inputs, (base_size, center, scale_wh)
 
   def maps(self, image: np.ndarray) -> Maps:

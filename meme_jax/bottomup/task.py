@@ -39,7 +39,7 @@ class BottomUpTask:
 
   def records(self):
     if self._records is None:
-      self._records = evaluation.load_image_records(self.config)
+      self._records = bottomup_data.load_image_records(self.config)
     return self._records
 
   def evaluate(self, apply_fn, variables, *, workdir, num_images=0):
