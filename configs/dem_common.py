@@ -188,8 +188,8 @@ def test_section(scale_factors: Sequence[float]) -> ml_collections.ConfigDict:
   test.le_distance = 70.0               # local-embedding matching radius, base-map pixels
   test.mrm_threshold = 0.75
   # The released pipeline never calls MRM (its call is commented out); the paper presents it as part of the method,
-  # and on the synthetic crowded benchmark it helps slightly (python -m meme_jax.bottomup --grouping-benchmark), so
-  # it is on.
+  # and on the synthetic crowded benchmark it helps slightly (python -m meme_jax.bottomup.benchmark
+  # --grouping_benchmark), so it is on.
   test.mrm = True
   test.max_num_people = 30
   test.use_detection_val = True

@@ -36,6 +36,7 @@ from data_pipelines import coco as coco_lib
 from data_pipelines import images as images_lib
 from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
+from data_pipelines import synthetic
 from data_pipelines import workers
 from data_pipelines.records import BadRecordError, SkipReport
 from meme_jax.codecs import affine
@@ -247,7 +248,6 @@ def bottomup_train_loader(config, *, seed: Optional[int] = None, shard_index: Op
   data = config.data
   if records is None:
     if data.get("dataset", "") == "synthetic":
-      from data_pipelines import synthetic  # pylint: disable=import-outside-toplevel
       synthetic.ensure_synthetic_dataset(data)
     records = load_records(config)
   if shard_index is None or shard_count is None:

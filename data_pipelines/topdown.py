@@ -37,6 +37,7 @@ from data_pipelines import images as images_lib
 from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import shared_slots
+from data_pipelines import synthetic
 from data_pipelines import transforms as T
 from data_pipelines import workers
 from data_pipelines.records import BadRecordError, RecordTable, SkipReport
@@ -62,7 +63,6 @@ def load_records(config, split: str, report: Optional[SkipReport] = None) -> Lis
     from data_pipelines import tfds_builders   # optional dependency
     return tfds_builders.load_tfds_records(config, split)
   if data.dataset == "synthetic":
-    from data_pipelines import synthetic
     synthetic.ensure_synthetic_dataset(data)
   annotations = data.train_annotations if split == "train" else data.val_annotations
   image_dir = data.train_images if split == "train" else data.val_images

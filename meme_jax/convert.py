@@ -60,6 +60,7 @@ class CheckpointMismatchError(ValueError):
 
 def read_torch_file(path: str) -> Mapping[str, Any]:
   """Loads a `.pth` / `.pth.xz` file with torch on the CPU and returns what it holds."""
+  # torch is an optional dependency (meme_jax[convert]), needed only to read .pth files.
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:

@@ -8,6 +8,7 @@ import jax
 
 from meme_jax import checkpointing
 from meme_jax import parallel
+from meme_jax import reporting
 from meme_jax import schedules
 from meme_jax import train
 from meme_jax.tasks import get_task
@@ -48,5 +49,5 @@ def evaluate_run(config, workdir: str, which: str = "best") -> Dict[str, Any]:
   result[task.metric_name] = stats.get(task.metric_name)
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    train.write_json(os.path.join(workdir, "eval.json"), result)
+    reporting.write_json(os.path.join(workdir, "eval.json"), result)
   return result

@@ -78,7 +78,7 @@ def _split_host_cpu(num_devices: int) -> None:
 
 
 def _print(text: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel  # after _split_host_cpu, as in `_input_errors`
   if jax.process_index() == 0:
     print(text, flush=True)
 
@@ -102,7 +102,7 @@ def main(argv) -> None:
   if not cache_dir and FLAGS.workdir:
     cache_dir = os.path.join(os.path.abspath(FLAGS.workdir), "compilation_cache")
   if cache_dir and cache_dir.lower() != "none":
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel  # after _split_host_cpu, as in `_input_errors`
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   try:

@@ -82,11 +82,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def per_process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """The number of samples each process loads; checks the global batch splits evenly over devices."""
+def per_process_batch_size(global_batch_size: int, mesh: Mesh, accum_steps: int = 1) -> int:
+  """The number of samples each process loads; checks the global batch splits evenly over the devices and, on
+  every device, into `accum_steps` micro-batches (`config.train.grad_accum_steps`)."""
   devices = mesh.devices.size
-  if global_batch_size % devices:
-    raise ValueError(f"the global batch size {global_batch_size} is not a multiple of the {devices} devices")
+  if accum_steps < 1:
+    raise ValueError(f"config.train.grad_accum_steps={accum_steps}: must be >= 1")
+  if global_batch_size % (devices * accum_steps):
+    raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of devices ({devices}) x "
+                     f"grad_accum_steps ({accum_steps})")
   return global_batch_size // jax.process_count()
 
 

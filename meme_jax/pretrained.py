@@ -33,8 +33,11 @@ the heads keep their initialisation.
 
 Reading any of these needs torch (`pip install 'meme_jax[convert]'`).
 """
+import os
 import re
 from typing import Any, Dict, List, Mapping, Tuple
+
+from absl import logging
 
 from meme_jax import convert
 from meme_jax.models.efficientnet import BlockSpec, efficientnet_stages
@@ -255,3 +258,21 @@ def backbone_variables(config) -> Dict[str, Any]:
     raise ValueError(f"config.init.backbone: no backbone initialisation for config.model.name={name!r} "
                      f"(known: {', '.join(sorted(_FAMILY_BACKBONE))})")
   return _FAMILY_BACKBONE[name](config)
+
+
+def init_weights(config) -> list:
+  """The variables that `config.init` provides, in the order they apply: a whole model (`init.checkpoint`: an
+  original PyTorch checkpoint or an orbax directory), then backbone weights (`init.backbone`, `backbone_copies`)."""
+  init = config.get("init", None)
+  if init is None:
+    return []
+  out = []
+  path = init.get("checkpoint", "")
+  if path:
+    out.append(convert.load_variables(path) if os.path.isdir(path) else convert.from_torch(path, config))
+    logging.info("Initialising from %s", path)
+  if init.get("backbone", "") or init.get("backbone_copies", ""):
+    out.append(backbone_variables(config))
+    logging.info("Initialising the backbone from %s",
+                 " + ".join(p for p in (init.get("backbone_copies", ""), init.get("backbone", "")) if p))
+  return out

@@ -7,13 +7,18 @@ Import `metric_writers` and `periodic_actions` from this module, never from clu 
 `_provide_clu_summary_writer`.
 """
 import functools
+import json
 import importlib.util
+import math
+import os
+import re
 import sys
 import types
 from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +122,7 @@ from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 from clu import periodic_actions
+from clu import profiler
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 __all__ = ["metric_writers", "periodic_actions", "clu_metrics", "create_writers", "HeatmapAccuracy",
@@ -220,7 +226,6 @@ def metrics_to_scalars(metrics, prefix: str = "") -> Dict[str, float]:
 def end_profile(action) -> None:
   """Stops a `periodic_actions.Profile` session still running when the loop ends (short runs)."""
   if isinstance(action, periodic_actions.Profile) and getattr(action, "_session_running", False):
-    from clu import profiler  # pylint: disable=import-outside-toplevel
     action._end_session(profiler.stop())  # pylint: disable=protected-access
 
 
@@ -236,3 +241,56 @@ def log_parameter_overview(variables: Mapping[str, Any]) -> str:
   summary = f"{total:,} parameters; {stats:,} batch statistics"
   logging.info("Model: %s", summary)
   return text + "\n" + summary
+
+
+def scalar_tag(name: str) -> str:
+  """A TensorBoard-safe scalar name ('val/AP (M)' -> 'val/AP_M')."""
+  return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_./-]", "_", name)).strip("_")
+
+
+def write_json(path: str, value: Any) -> None:
+  """`value` as JSON, with numpy scalars as numbers and NaN / Inf as null."""
+
+  def plain(v):
+    if isinstance(v, dict):
+      return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+      v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(plain(value), f, indent=2)
+
+
+def write_hparams(tensorboard, config) -> None:
+  """The config's fields as TensorBoard hyperparameters ('train.lr': 0.001, ...)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  tensorboard.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()})
+
+
+def write_parameter_overview(variables: Mapping[str, Any], workdir: str, tensorboard=None) -> None:
+  """The parameter table, logged, in WORKDIR/parameters.txt (process 0) and as TensorBoard text."""
+  overview = log_parameter_overview(variables)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
+      f.write(overview + "\n")
+  if tensorboard is not None:
+    tensorboard.write_texts(0, {"parameters": "```\n" + overview + "\n```"})
+
+
+def training_hooks(train_config, writer, workdir: str, *, total_steps: int, first_step: int) -> list:
+  """The periodic actions of the train loop on process 0: clu's ReportProgress every `log_every_steps`, and a
+  profile of `profile_steps` steps from `profile_first_step` steps after `first_step` when asked for."""
+  if jax.process_index() != 0:
+    return []
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=max(1, int(train_config.get("log_every_steps", 50))),
+                                           every_secs=None)]
+  profile_steps = int(train_config.get("profile_steps", 0))
+  if profile_steps > 0:
+    hooks.append(periodic_actions.Profile(
+        logdir=workdir, num_profile_steps=profile_steps, profile_duration_ms=None,
+        first_profile=first_step + int(train_config.get("profile_first_step", 10)), every_secs=None))
+  return hooks

@@ -13,16 +13,12 @@ step, RNG, skipped-step count), the schedule state and the data iterator state, 
 """
 import concurrent.futures
 import dataclasses
-import json
-import math
 import os
-import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from absl import logging
 import flax
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,28 +72,10 @@ def input_shape(config) -> Tuple[int, int, int]:
   return height, width, 3
 
 
-def init_weights(config) -> list:
-  """The variables that `config.init` provides, in the order they apply: a whole model (`init.checkpoint`: an
-  original PyTorch checkpoint or an orbax directory), then backbone weights (`init.backbone`, `backbone_copies`)."""
-  init = config.get("init", None)
-  if init is None:
-    return []
-  out = []
-  path = init.get("checkpoint", "")
-  if path:
-    out.append(convert.load_variables(path) if os.path.isdir(path) else convert.from_torch(path, config))
-    logging.info("Initialising from %s", path)
-  if init.get("backbone", "") or init.get("backbone_copies", ""):
-    out.append(pretrained.backbone_variables(config))
-    logging.info("Initialising the backbone from %s",
-                 " + ".join(p for p in (init.get("backbone_copies", ""), init.get("backbone", "")) if p))
-  return out
-
-
 def initial_variables(model: nn.Module, config, rng) -> Dict[str, Any]:
   """Randomly initialised variables (host numpy), then what `config.init` names loaded over them."""
   # The files come first: a missing or unfit one is reported in seconds, not after the random initialisation.
-  loaded = init_weights(config)
+  loaded = pretrained.init_weights(config)
   dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
   init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))
   variables = dict(flax.core.unfreeze(jax.device_get(init(rng))))
@@ -303,13 +281,12 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   train_cfg = config.train
   is_main = jax.process_index() == 0
   if tensorboard is not None:
-    hparams = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    tensorboard.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                               for k, v in hparams.items()})
+    reporting.write_hparams(tensorboard, config)
   logging.info("Devices: %d (%d local) of %s on %d process(es)", jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform, jax.process_count())
 
-  batch_per_process = _check_batch(config, mesh)
+  batch_per_process = parallel.per_process_batch_size(int(train_cfg.batch_size), mesh,
+                                                     int(train_cfg.get("grad_accum_steps", 1)))
   accum = int(train_cfg.get("grad_accum_steps", 1))
   seed = int(config.get("seed", 0))
   loader = task.train_loader(seed=int(config.data.get("seed", seed)), shard_index=jax.process_index(),
@@ -352,12 +329,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   logging.info("Initialised the variables in %.1fs; compiled the train step in %.1fs (in parallel)", init_s,
                compile_s)
   writer.write_scalars(0, {"timing/init_s": init_s, "timing/compile_s": compile_s})
-  overview = reporting.log_parameter_overview(parallel.local_copy(eval_variables(state)))
-  if is_main:
-    with open(os.path.join(workdir, "parameters.txt"), "w", encoding="utf-8") as f:
-      f.write(overview + "\n")
-  if tensorboard is not None:
-    tensorboard.write_texts(0, {"parameters": "```\n" + overview + "\n```"})
+  reporting.write_parameter_overview(parallel.local_copy(eval_variables(state)), workdir, tensorboard)
 
   ckpt = checkpointing.Checkpointer(checkpointing.default_directory(workdir),
                                     keep=int(train_cfg.get("keep_checkpoints", 3)), best_metric=task.metric_name,
@@ -381,15 +353,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   apply_fn = make_apply_fn(task.build_model(config))
   step = int(parallel.local_value(state.step))
   log_every = max(1, int(train_cfg.get("log_every_steps", 50)))
-  hooks = []
-  if is_main:
-    hooks.append(reporting.periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                           every_steps=log_every, every_secs=None))
-    profile_steps = int(train_cfg.get("profile_steps", 0))
-    if profile_steps > 0:
-      hooks.append(reporting.periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=profile_steps, profile_duration_ms=None,
-          first_profile=step + int(train_cfg.get("profile_first_step", 10)), every_secs=None))
+  hooks = reporting.training_hooks(train_cfg, writer, workdir, total_steps=total_steps, first_step=step)
   watcher = checkpointing.PreemptionWatcher()
   budget = TimeBudget(wall_start, float(train_cfg.get("time_budget_s", 0)),
                       float(train_cfg.get("time_budget_reserve_s", 60)))
@@ -403,7 +367,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
     stats, pictures = task.evaluate(apply_fn, eval_variables(state), workdir=workdir, num_images=images)
     timing["eval_s"] += time.time() - t
     budget.reserve_for_evaluation(time.time() - t)
-    writer.write_scalars(step, {_tag(f"val/{k}"): v for k, v in stats.items()})
+    writer.write_scalars(step, {reporting.scalar_tag(f"val/{k}"): v for k, v in stats.items()})
     if pictures:
       writer.write_images(step, {"val/predictions": visualize.pad_to_batch(pictures)})
     value = float(stats[task.metric_name])
@@ -509,23 +473,10 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   if baseline is not None:
     summary[f"baseline_{task.metric_name}"] = baseline.get(task.metric_name)
   if is_main:
-    write_json(os.path.join(workdir, "summary.json"), summary)
-  writer.write_scalars(step, {_tag(f"final/{k}"): v for k, v in stats.items()})
+    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+  writer.write_scalars(step, {reporting.scalar_tag(f"final/{k}"): v for k, v in stats.items()})
   writer.close()
   return summary
-
-
-def _check_batch(config, mesh) -> int:
-  """The per-process batch size, after checking the global batch splits over devices and micro-batches."""
-  batch = int(config.train.batch_size)
-  accum = int(config.train.get("grad_accum_steps", 1))
-  devices = mesh.devices.size
-  if accum < 1:
-    raise ValueError(f"config.train.grad_accum_steps={accum}: must be >= 1")
-  if batch % (devices * accum):
-    raise ValueError(f"config.train.batch_size={batch} must be a multiple of devices ({devices}) x "
-                     f"grad_accum_steps ({accum})")
-  return parallel.per_process_batch_size(batch, mesh)
 
 
 def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -> None:
@@ -543,24 +494,3 @@ def _timed(fn):
   t = time.time()
   result = fn()
   return result, time.time() - t
-
-
-def _tag(name: str) -> str:
-  """A TensorBoard-safe scalar name ('val/AP (M)' -> 'val/AP_M')."""
-  return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_./-]", "_", name)).strip("_")
-
-
-def write_json(path: str, value: Any) -> None:
-  """`value` as JSON, with numpy scalars as numbers and NaN / Inf as null."""
-
-  def plain(v):
-    if isinstance(v, dict):
-      return {str(k): plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-      return [plain(x) for x in v]
-    if isinstance(v, (np.floating, np.integer)):
-      v = v.item()
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(plain(value), f, indent=2)

@@ -127,7 +127,7 @@ def fit(image: np.ndarray, max_size: int) -> np.ndarray:
 
 def draw_examples(examples: Sequence[Mapping[str, Any]], skeleton: Sequence[Sequence[int]], *,
                   threshold: float = 0.2, min_score: float = 0.0, max_size: int = 512) -> List[np.ndarray]:
-  """Evaluation examples (from `meme_jax.evaluate.collect_examples`) -> RGB uint8 images for TensorBoard."""
+  """Evaluation examples (from `meme_jax.topdown.evaluation.collect_examples`) -> RGB uint8 images for TensorBoard."""
   out = []
   for ex in examples:
     image = read_rgb(ex["image_file"])

@@ -1,4 +1,4 @@
-"""DEM grouping (meme_jax.grouping): hand-made cases for each rule (NMS and the centre pool, thresholds, the AE cost
+"""DEM grouping (meme_jax.bottomup.grouping): hand-made cases for each rule (NMS and the centre pool, thresholds, the AE cost
 and threshold, the 70-px greedy rule, parent matching and the centre fallback, adjust, refine, MRM, the person cap),
 and recovery of every person and joint from ideal maps rendered by the training codec: the real COCO and CrowdPose
 samples and crowded synthetic scenes."""

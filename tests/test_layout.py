@@ -89,10 +89,16 @@ def test_imports_inside_functions_say_why(module):
   for _, line, inside in _imports(path):
     if not inside:
       continue
-    here = lines[line - 1]
-    above = lines[line - 2].strip() if line >= 2 else ""
-    # A reason is a comment on the line (besides the linter's pragma) or a comment just above it.
-    comment = here.partition("#")[2].replace("pylint: disable=import-outside-toplevel", "").strip(" ,")
-    if not comment and not above.startswith("#"):
-      unexplained.append(f"{os.path.relpath(path, REPO_ROOT)}:{line}: {here.strip()}")
+    # A reason is a comment on an import of the block (besides the linter's pragma) or a comment just above the
+    # block (consecutive imports, possibly inside a `try:`).
+    first = line - 1
+    while first > 0 and lines[first - 1].strip().startswith(("import ", "from ", "try:")):
+      first -= 1
+    last = line - 1
+    while last + 1 < len(lines) and lines[last + 1].strip().startswith(("import ", "from ")):
+      last += 1
+    comments = [l.partition("#")[2].replace("pylint: disable=import-outside-toplevel", "").strip(" ,#")
+                for l in lines[first:last + 1]]
+    if not any(comments) and not (first > 0 and lines[first - 1].strip().startswith("#")):
+      unexplained.append(f"{os.path.relpath(path, REPO_ROOT)}:{line}: {lines[line - 1].strip()}")
   assert not unexplained, "imports inside functions without a reason:\n" + "\n".join(unexplained)

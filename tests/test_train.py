@@ -393,7 +393,7 @@ def test_gradient_accumulation_equals_large_batch():
   tree_allclose(big[0], accumulated[0], rtol=1e-4, atol=1e-6)
   config.train.grad_accum_steps = 3
   with pytest.raises(ValueError, match="multiple of"):
-    train._check_batch(config, mesh)  # pylint: disable=protected-access
+    parallel.per_process_batch_size(int(config.train.batch_size), mesh, int(config.train.grad_accum_steps))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import os
 from typing import Dict, Mapping
 
 import numpy as np
+from scipy.io import loadmat
+from scipy.io import savemat
 
 HEAD_SIZE_FACTOR = 0.6      # SC_BIAS of the original
 MPII_STAT_NAMES = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean", "Mean@0.1")
@@ -26,7 +28,6 @@ GT_JOINT_NAMES = ("rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "thor"
 def load_gt_mat(path: str) -> Dict[str, np.ndarray]:
   """Reads `gt_valid.mat`: jnt_missing (16, N), pos_gt_src (16, 2, N), headboxes_src (2, 2, N) (1-based pixels),
   and `dataset_joints` (the joint names) when the file has them, which must be the MPII order of the predictions."""
-  from scipy.io import loadmat  # pylint: disable=import-outside-toplevel
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"MPII ground truth {path!r} not found (config.data.val_gt_mat: the HRNet "
                             f"annot/gt_valid.mat)")
@@ -105,7 +106,6 @@ def pckh(preds: np.ndarray, gt: Mapping[str, np.ndarray], threshold: float = 0.5
 
 def save_pred_mat(path: str, preds: np.ndarray) -> str:
   """Writes `pred.mat` as the original does: 1-based predictions under key 'preds' (N, 16, 2)."""
-  from scipy.io import savemat  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   savemat(path, {"preds": np.asarray(preds, dtype=np.float64)[..., :2] + 1.0})
   return path
