@@ -238,7 +238,7 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   common.synthetic_data(config, "data/synthetic", train_images=256, val_images=32)
   # A short run learns far faster with milder augmentation than the 300-epoch recipe's (rotation 30, scale
   # 0.75-1.5, shift 40): on held-out images the centre heatmap finds 59-80% of the people after 400 steps at 64x64
-  # instead of 44-48% (tests/test_dem_train.py measures it).
+  # instead of 44-48% (tests/bottomup/test_dem_train.py measures it).
   config.data.max_rotation = 10.0
   config.data.min_scale = 0.9
   config.data.max_scale = 1.2

@@ -15,7 +15,7 @@ Args (after ':'):
   'tiny'      the shrunken backbone of shared/reference/dem_tiny_coco (708,610 parameters), 128x128 input, COCO data.
   'synthetic' the tiny model on the built-in synthetic dataset at 128x128: 12 epochs of 256 images (372 steps of 8)
               with milder augmentation at 3x the LR. 6 minutes on a 2-core CPU (45 s compile, 260 s training,
-              44 s in three evaluations). The heatmaps learn where the people are (tests/test_dem_train.py
+              44 s in three evaluations). The heatmaps learn where the people are (tests/bottomup/test_dem_train.py
               measures it), but grouping needs sharper joints than this short run gives: AP stays 0.0.
 """
 import ml_collections

@@ -1,11 +1,13 @@
-"""Pose metrics: COCO OKS AP (pycocotools), CrowdPose AP (xtcocotools, optional), MPII PCKh, OKS-NMS."""
-from meme_jax.metrics.coco import COCO_STAT_NAMES, coco_keypoint_eval, evaluate_poses, results_json
+"""Pose metrics: COCO OKS AP (pycocotools), CrowdPose AP (xtcocotools, optional), MPII PCKh, OKS-NMS; `protocols` is
+the one evaluation entry both families use."""
+from meme_jax.metrics.coco import COCO_STAT_NAMES, coco_keypoint_eval, results_json
 from meme_jax.metrics.crowdpose import CROWDPOSE_STAT_NAMES, crowdpose_keypoint_eval
 from meme_jax.metrics.mpii import MPII_STAT_NAMES, load_gt_mat, pckh
 from meme_jax.metrics.nms import oks_iou, oks_nms, sigmas_from_config, soft_oks_nms
+from meme_jax.metrics.protocols import eval_protocol, evaluate, evaluate_results
 
 __all__ = [
     "COCO_STAT_NAMES", "CROWDPOSE_STAT_NAMES", "MPII_STAT_NAMES", "coco_keypoint_eval", "crowdpose_keypoint_eval",
-    "evaluate_poses", "load_gt_mat", "oks_iou", "oks_nms", "pckh", "results_json", "sigmas_from_config",
-    "soft_oks_nms",
+    "eval_protocol", "evaluate", "evaluate_results", "load_gt_mat", "oks_iou", "oks_nms", "pckh", "results_json",
+    "sigmas_from_config", "soft_oks_nms",
 ]

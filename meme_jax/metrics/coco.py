@@ -16,8 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from meme_jax.codecs.decoding import rescore
-from meme_jax.metrics import crowdpose, nms
+from meme_jax.metrics import nms
 
 COCO_STAT_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR", "AR .5", "AR .75", "AR (M)", "AR (L)")
 
@@ -169,27 +168,3 @@ def coco_keypoint_eval(gt: Union[str, Any], results: Union[str, List[Mapping[str
       if line.startswith(" Average"):
         log.info("%s", line.strip())
   return collections.OrderedDict((name, float(v)) for name, v in zip(COCO_STAT_NAMES, evaluator.stats))
-
-
-def evaluate_poses(gt: Union[str, Any], image_ids, keypoints, box_scores, areas, *, sigmas, in_vis_thre: float,
-                   oks_thre: float, soft_nms: bool = False, results_file: Optional[str] = None,
-                   log: Optional[Any] = None, protocol: str = "coco") -> Dict[str, float]:
-  """The original evaluation of top-down poses: rescoring, per-image OKS-NMS, results JSON, COCOeval.
-
-  keypoints (N, J, 3) image (x, y, confidence); box_scores (N,); areas (N,) box areas for NMS; `sigmas` in
-  pycocotools' units. `protocol` 'coco' or 'crowdpose' (xtcocotools' easy/medium/hard protocol).
-  """
-  coco = load_coco(gt) if protocol == "coco" else None
-  keypoints = np.asarray(keypoints, dtype=np.float64)
-  scores = rescore(keypoints[..., 2], box_scores, in_vis_thre)
-  keep = select_poses(image_ids, keypoints, scores, areas, oks_thre=oks_thre, sigmas=sigmas, soft_nms=soft_nms)
-  if protocol == "crowdpose":
-    category_id = crowdpose.category_id(gt)
-  else:
-    category_id = person_category_id(coco)
-  results = results_json(np.asarray(image_ids)[keep], keypoints[keep], scores[keep], category_id)
-  if results_file:
-    write_json(results_file, results)
-  if protocol == "crowdpose":
-    return crowdpose.crowdpose_keypoint_eval(gt, results, sigmas=sigmas, log=log)
-  return coco_keypoint_eval(coco, results, sigmas=sigmas, log=log)

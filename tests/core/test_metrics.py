@@ -11,7 +11,8 @@ import scipy.io
 
 from conftest import shared_path
 from meme_jax import keypoints as keypoint_info
-from meme_jax.metrics import coco, crowdpose, mpii, nms
+from meme_jax.codecs import decoding
+from meme_jax.metrics import coco, crowdpose, mpii, nms, protocols
 
 COCO_SIGMAS = np.asarray(keypoint_info.COCO_SIGMAS) / 10.0
 
@@ -156,7 +157,7 @@ def test_single_pose_ap_from_a_hand_computed_oks(tmp_path):
   assert 0.0 < expected < 1.0
 
 
-def test_evaluate_poses_rescoring_nms_and_json(coco_gt_file, coco_gt, tmp_path):
+def test_rescoring_nms_and_results_json(coco_gt_file, coco_gt, tmp_path):
   results = gt_as_results(coco_gt)
   keypoints = np.stack([np.asarray(r["keypoints"]).reshape(-1, 3) for r in results])
   keypoints[:, :, 2] = np.where(keypoints[:, :, 2] > 0, 0.9, 0.1)
@@ -171,8 +172,11 @@ def test_evaluate_poses_rescoring_nms_and_json(coco_gt_file, coco_gt, tmp_path):
   box_scores = np.append(box_scores, 0.3)
   areas = np.append(areas, 1e4)
   path = str(tmp_path / "res.json")
-  stats = coco.evaluate_poses(coco_gt_file, image_ids, keypoints, box_scores, areas, sigmas=COCO_SIGMAS,
-                              in_vis_thre=0.2, oks_thre=0.9, results_file=path)
+  # The top-down evaluation's post-processing (rescoring, then OKS-NMS per image) before the protocol scores the rest.
+  scores = decoding.rescore(keypoints[..., 2], box_scores, 0.2)
+  keep = coco.select_poses(image_ids, keypoints, scores, areas, oks_thre=0.9, sigmas=COCO_SIGMAS)
+  stats = protocols.evaluate_results(coco_gt_file, image_ids[keep], keypoints[keep], scores[keep], sigmas=COCO_SIGMAS,
+                                     results_file=path)
   with open(path, encoding="utf-8") as f:
     written = json.load(f)
   assert len(written) == len(results)                                # the duplicate is gone

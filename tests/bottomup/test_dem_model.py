@@ -5,8 +5,6 @@ parameter counts measured on the original model (spec dem 1.5-1.6), a checkpoint
 it computed in float64 (reference/dem_tiny_coco), and torch itself for resizing and initialisation rules.
 """
 import functools
-import io
-import lzma
 import tempfile
 
 import flax.linen as nn
@@ -21,12 +19,10 @@ from meme_jax import pretrained
 from meme_jax.models import build_model
 from meme_jax.models import hrnet
 from conftest import shared_path
+from original_checkpoints import HRNET_HEAD_PREFIXES, fake_imagenet_hrnet, torch_state_dict
 
 TINY = "configs/dem_w32_coco.py:tiny"
 OUTPUT_NAMES = ("off_quarter", "off_half", "ae_quarter", "hm_half")
-HEAD_PREFIXES = ("stem1.", "stem2.", "final_layers_", "deconv_layers_")
-
-
 @pytest.fixture(autouse=True)
 def _mismatch_key_files_in_tmp_path(tmp_path, monkeypatch):
   """Checkpoint-mismatch errors write their key lists to the temporary directory: this test's, not the system's."""
@@ -60,12 +56,6 @@ def _abstract_model(spec: str):
 
 def _param_count(shapes) -> int:
   return int(sum(np.prod(s) for s in shapes["params"].values()))
-
-
-def _torch_state_dict(path):
-  import torch  # pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    return torch.load(io.BytesIO(lzma.decompress(f.read())), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +176,7 @@ def test_checkpoint_variants_convert(tmp_path, tiny_checkpoint, tiny_config, tin
   """FP16-trained checkpoints (`1.` prefix, float16 convolutions, float32 BatchNorm) and DataParallel ones
   (`module.` prefix inside {'state_dict': ...}, plain .pth) convert without special cases."""
   import torch  # pylint: disable=import-outside-toplevel
-  sd = _torch_state_dict(tiny_checkpoint)
+  sd = torch_state_dict(tiny_checkpoint)
   fp16 = {"1." + k: (v.half() if v.ndim == 4 else v) for k, v in sd.items()}
   torch.save(fp16, tmp_path / "fp16.pth")
   torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "ddp.pth")
@@ -325,34 +315,12 @@ def test_nearest_fuse_builds_same_variables(tiny_config, tiny_variables, tiny_ap
   assert np.max(np.abs(np.asarray(nearest[3]) - np.asarray(bilinear[3]))) > 1e-3
 
 
-def _fake_imagenet_state_dict(sd):
-  """An ImageNet-classification-style HRNet state_dict: the backbone of `sd`, plus the fuse layers into the
-  lower branches in the last stage-4 module and the classification modules."""
-  import torch  # pylint: disable=import-outside-toplevel
-  out = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
-  extra = {
-      "stage4.1.fuse_layers.1.0.0.0.weight": (16, 8, 3, 3),
-      "stage4.1.fuse_layers.1.0.0.1.weight": (16,),
-      "stage4.1.fuse_layers.1.2.0.weight": (16, 32, 1, 1),
-      "stage4.1.fuse_layers.3.2.0.0.weight": (64, 32, 3, 3),
-      "stage4.1.fuse_layers.3.2.0.1.running_var": (64,),
-      "incre_modules.0.0.conv1.weight": (32, 8, 1, 1),
-      "downsamp_modules.0.0.weight": (256, 128, 3, 3),
-      "final_layer.0.weight": (2048, 1024, 1, 1),
-      "final_layer.1.running_mean": (2048,),
-      "classifier.weight": (1000, 2048),
-      "classifier.bias": (1000,),
-  }
-  out.update({k: torch.zeros(s) for k, s in extra.items()})
-  return out
-
-
 def test_imagenet_backbone_subset(tmp_path, tiny_checkpoint, tiny_config, tiny_variables):
   import torch  # pylint: disable=import-outside-toplevel
-  sd = _torch_state_dict(tiny_checkpoint)
-  imagenet = _fake_imagenet_state_dict(sd)
+  sd = torch_state_dict(tiny_checkpoint)
+  imagenet = fake_imagenet_hrnet(sd)
   subset = pretrained.hrnet_imagenet_backbone(imagenet)
-  backbone_keys = {k for k in sd if not k.startswith(HEAD_PREFIXES) and not k.endswith("num_batches_tracked")}
+  backbone_keys = {k for k in sd if not k.startswith(HRNET_HEAD_PREFIXES) and not k.endswith("num_batches_tracked")}
   assert set(subset) == backbone_keys
   assert "stage4.0.fuse_layers.1.0.0.0.weight" in subset   # earlier stage-4 modules keep every fuse layer
 

@@ -22,6 +22,8 @@ import pytest
 
 import meme_jax
 from conftest import REPO_ROOT, shared_path
+from original_checkpoints import HRNET_HEAD_PREFIXES, fake_efficientnet_backbone, fake_imagenet_hrnet
+from original_checkpoints import torch_state_dict
 from meme_jax import convert
 from meme_jax import evaluate
 from meme_jax import tasks
@@ -191,14 +193,13 @@ def _check_initialised(workdir, config, from_files):
 
 def test_efficientdet_and_imagenet_backbones_through_main(tmp_path, cache_dir):
   import torch  # pylint: disable=import-outside-toplevel
-  from test_eeffpose import _fake_backbone_tensors  # pylint: disable=import-outside-toplevel
   # tf_efficientdet_d0_ap: the detector's backbone under `backbone.`, plus BiFPN and head tensors that are ignored.
-  effdet_backbone = _fake_backbone_tensors(seed=11)
+  effdet_backbone = fake_efficientnet_backbone(seed=11)
   effdet = {f"backbone.{k}": v for k, v in effdet_backbone.items()}
   effdet.update({"fpn.cell.0.fnode.0.combine.edge_weights": torch.ones(2),
                  "class_net.predict.conv_pw.bias": torch.ones(810), "backbone.bn1.num_batches_tracked": torch.tensor(3)})
   # timm tf_efficientnet_b0_aa: the classifier's backbone at the top level, plus its head.
-  imagenet = _fake_backbone_tensors(seed=12)
+  imagenet = fake_efficientnet_backbone(seed=12)
   imagenet.update({"conv_head.weight": torch.ones(1280, 320, 1, 1), "classifier.weight": torch.ones(1000, 1280)})
   torch.save(effdet, tmp_path / "tf_efficientdet_d0_ap-d0cdbd0a.pth")
   torch.save(imagenet, tmp_path / "tf_efficientnet_b0_aa-827b6e33.pth")
@@ -234,12 +235,11 @@ def test_efficientdet_and_imagenet_backbones_through_main(tmp_path, cache_dir):
 
 def test_imagenet_hrnet_backbone_through_main(tmp_path, cache_dir):
   import torch  # pylint: disable=import-outside-toplevel
-  from test_dem_model import HEAD_PREFIXES, _fake_imagenet_state_dict, _torch_state_dict  # pylint: disable=import-outside-toplevel
-  reference = _torch_state_dict(shared_path("reference", "dem_tiny_coco", "model_best.pth.xz"))
+  reference = torch_state_dict(shared_path("reference", "dem_tiny_coco", "model_best.pth.xz"))
   # Other values than the reference's, so that nothing can match by accident.
   generator = torch.Generator().manual_seed(5)
   sd = {k: (torch.randn(v.shape, generator=generator) if v.is_floating_point() else v) for k, v in reference.items()}
-  imagenet = _fake_imagenet_state_dict(sd)
+  imagenet = fake_imagenet_hrnet(sd)
   torch.save({"state_dict": {"module." + k: v for k, v in imagenet.items()}}, tmp_path / "hrnet_w32-36af842e.pth")
 
   config = meme_jax.load_config("configs/dem_w32_coco.py:synthetic")
@@ -250,7 +250,7 @@ def test_imagenet_hrnet_backbone_through_main(tmp_path, cache_dir):
           "--config.train.steps_per_epoch=1", "--config.train.eval_every_epochs=1"]
   proc = run_main(args, tmp_path, cache_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  backbone = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+  backbone = {k: v for k, v in sd.items() if not k.startswith(HRNET_HEAD_PREFIXES)}
   _check_initialised(workdir, config, _expected_from_file(backbone))
 
 

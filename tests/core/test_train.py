@@ -38,7 +38,7 @@ from meme_jax.topdown import baseline as baseline_lib
 from meme_jax.topdown.task import TopDownTask
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
+REPO_ROOT = os.path.dirname(os.path.dirname(TESTS_DIR))
 
 # ---------------------------------------------------------------------------------------------------------------
 # The stand-in task.

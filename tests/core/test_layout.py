@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 PACKAGES = ("meme_jax", "data_pipelines", "configs")
 
 

@@ -188,7 +188,7 @@ def run_on_two_devices(tmp_path, variables_file, expected_file):
   """The same evaluation on two (fake CPU) devices, an odd batch size padded to the device count."""
   script = textwrap.dedent(f"""
     import os, sys
-    sys.path[:0] = [{os.path.join(REPO_ROOT, 'tests')!r}, {REPO_ROOT!r}]
+    sys.path[:0] = [{os.path.join(REPO_ROOT, 'tests', 'topdown')!r}, {os.path.join(REPO_ROOT, 'tests')!r}, {REPO_ROOT!r}]
     import jax, numpy as np
     assert jax.local_device_count() == 2, jax.devices()
     import test_evaluate as t

@@ -5,7 +5,6 @@ PyTorch model (spec eeffpose 2 and 6, spec/*.tsv), a checkpoint of the original 
 float64 (reference/eeffpose_p0_coco), and the checkpoint variants (FP16 `1.` prefix, `module.`, wrappers) built here
 with torch exactly as the original code writes them.
 """
-import ast
 import functools
 import os
 import re
@@ -26,6 +25,7 @@ from meme_jax import convert, pretrained
 from meme_jax.models import build_model
 from meme_jax.models import fusion
 from conftest import REPO_ROOT, shared_path
+from original_checkpoints import fake_efficientnet_backbone, read_tsv
 
 pytestmark = pytest.mark.xdist_group("eeffpose")
 
@@ -83,17 +83,6 @@ def _shapes(spec, items=()):
 
 def _param_count(shapes, top=None):
   return sum(int(np.prod(s)) for path, s in shapes["params"].items() if top is None or path[0].startswith(top))
-
-
-def _read_tsv(name):
-  """[(key, shape)] of the original state_dict listing, without num_batches_tracked."""
-  rows = []
-  with open(shared_path("spec", name)) as f:
-    for line in f:
-      key, shape = line.rstrip("\n").split("\t")
-      if not key.endswith("num_batches_tracked"):
-        rows.append((key, tuple(ast.literal_eval(shape))))
-  return rows
 
 
 def _flax_entry(key, shape):
@@ -220,7 +209,7 @@ def test_recurrent_variant_shares_copied_blocks():
 
 @pytest.mark.parametrize("spec,tsv", [(P0, "eeffpose_p0_state_dict.tsv"), (P2, "eeffpose_p2_state_dict.tsv")])
 def test_variable_tree_mirrors_original_state_dict(spec, tsv):
-  expected = dict(_flax_entry(key, shape) for key, shape in _read_tsv(tsv))
+  expected = dict(_flax_entry(key, shape) for key, shape in read_tsv(tsv))
   actual = {(col,) + path: tuple(shape) for col, tree in _shapes(spec).items() for path, shape in tree.items()}
   assert sorted(set(expected) - set(actual)) == []
   assert sorted(set(actual) - set(expected)) == []
@@ -372,8 +361,8 @@ def test_recurrent_checkpoint_with_aliased_tensors(raw_state_dict, p0_eval, refe
 
 
 def test_mismatched_config_lists_every_offending_key():
-  p0_rows = [(_flax_entry(k, s), k) for k, s in _read_tsv("eeffpose_p0_state_dict.tsv")]
-  p2 = dict(_flax_entry(k, s) for k, s in _read_tsv("eeffpose_p2_state_dict.tsv"))
+  p0_rows = [(_flax_entry(k, s), k) for k, s in read_tsv("eeffpose_p0_state_dict.tsv")]
+  p2 = dict(_flax_entry(k, s) for k, s in read_tsv("eeffpose_p2_state_dict.tsv"))
   wrong_shape = [key for (loc, shape), key in p0_rows if loc in p2 and p2[loc] != shape]
   unexpected = [key for (loc, _), key in p0_rows if loc not in p2]
   provided = {loc for (loc, shape), _ in p0_rows if p2.get(loc) == shape}
@@ -409,7 +398,7 @@ def test_checkpoint_of_another_family_is_told_briefly_with_every_key_in_a_file()
       key, shape = line.rstrip("\n").split("\t")
       if not key.endswith("num_batches_tracked"):
         state_dict[key] = np.zeros([int(n) for n in shape.split("x")], np.float32)
-  p0 = dict(_flax_entry(k, s) for k, s in _read_tsv("eeffpose_p0_state_dict.tsv"))
+  p0 = dict(_flax_entry(k, s) for k, s in read_tsv("eeffpose_p0_state_dict.tsv"))
   placed = {loc for key, v in state_dict.items() for loc, shape in [_flax_entry(key, v.shape)] if p0.get(loc) == shape}
   unexpected = [k for k, v in state_dict.items() if _flax_entry(k, v.shape)[0] not in p0]
   missing = [loc for loc in p0 if loc not in placed]
@@ -562,7 +551,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
       for sub in jax_core.jaxprs_in_params(eqn.params):
         visit(sub)
   visit(jaxpr.jaxpr)
-  num_convs = sum(1 for key, shape in _read_tsv("eeffpose_p0_state_dict.tsv")
+  num_convs = sum(1 for key, shape in read_tsv("eeffpose_p0_state_dict.tsv")
                   if key.endswith(".weight") and len(shape) == 4)
   assert len(conv_dtypes) == num_convs
   assert conv_dtypes.count(jnp.dtype(jnp.float32)) == 3   # the head's three 1x1 convs
@@ -584,26 +573,6 @@ def test_bfloat16_fusion_cell_stays_close_to_float32():
 # Pretrained backbone initialisation.
 
 
-def _fake_backbone_tensors(seed, tsv="eeffpose_p0_state_dict.tsv"):
-  """timm-named backbone tensors (`conv_stem`, `bn1`, `blocks.{s}.{j}`) with the shapes of the original stages."""
-  rows = _read_tsv(tsv)
-  last_branch = {}
-  for key, _ in rows:
-    m = re.match(r"hr_backbone\.(\d)\.branches\.(\d)\.", key)
-    if m:
-      last_branch[m.group(1)] = max(last_branch.get(m.group(1), 0), int(m.group(2)))
-  gen = torch.Generator().manual_seed(seed)
-  out = {}
-  for key, shape in rows:
-    m = re.match(r"hr_backbone\.(\d)\.branches\.(\d)\.(\d+)\.(.+)$", key)
-    if m and int(m.group(2)) == last_branch[m.group(1)]:
-      out[f"blocks.{int(m.group(1)) - 3}.{m.group(3)}.{m.group(4)}"] = torch.randn(shape, generator=gen)
-    elif key.startswith("hr_backbone.0.") or key.startswith("hr_backbone.1."):
-      out[key.replace("hr_backbone.0.", "conv_stem.").replace("hr_backbone.1.", "bn1.")] = torch.randn(
-          shape, generator=gen)
-  return out
-
-
 def _changed_leaves(before, after):
   a, b = _flat_variables(before), _flat_variables(after)
   assert a.keys() == b.keys()
@@ -617,7 +586,7 @@ def _torch_key_location(key, tensor):
 
 def test_efficientdet_backbone_lands_on_stem_and_original_stages(reference_variables, tmp_path):
   config = _config()
-  backbone = _fake_backbone_tensors(seed=1)
+  backbone = fake_efficientnet_backbone(seed=1)
   effdet = {f"backbone.{k}": v for k, v in backbone.items()}
   effdet["backbone.bn1.num_batches_tracked"] = torch.tensor(5)
   effdet["fpn.cell.0.fnode.0.combine.edge_weights"] = torch.ones(2)
@@ -650,7 +619,7 @@ def test_efficientdet_backbone_lands_on_stem_and_original_stages(reference_varia
 
 def test_imagenet_weights_land_on_the_copied_branches(reference_variables, tmp_path):
   config = _config()
-  imagenet = _fake_backbone_tensors(seed=2)
+  imagenet = fake_efficientnet_backbone(seed=2)
   imagenet.update({"conv_head.weight": torch.ones(1280, 320, 1, 1), "bn2.weight": torch.ones(1280),
                    "classifier.weight": torch.ones(1000, 1280), "classifier.bias": torch.ones(1000)})
   copies = pretrained.imagenet_state_dict(imagenet, config, copies_only=True)
@@ -678,7 +647,7 @@ def test_imagenet_weights_land_on_the_copied_branches(reference_variables, tmp_p
   stages_too = _changed_leaves(reference_variables, merged)
   assert len(stages_too) == 608 and expected < stages_too
   # With one, the copies keep the ImageNet weights and EfficientDet wins on the stem and stages.
-  effdet = {f"backbone.{k}": v for k, v in _fake_backbone_tensors(seed=1).items()}
+  effdet = {f"backbone.{k}": v for k, v in fake_efficientnet_backbone(seed=1).items()}
   effdet_path = tmp_path / "tf_efficientdet_d0_ap.pth"
   torch.save(effdet, effdet_path)
   config.init.backbone = str(effdet_path)
@@ -690,14 +659,14 @@ def test_imagenet_weights_land_on_the_copied_branches(reference_variables, tmp_p
 
 
 def test_pretrained_files_for_another_model_are_rejected(tmp_path):
-  p0_backbone = {f"backbone.{k}": v for k, v in _fake_backbone_tensors(seed=3).items()}
+  p0_backbone = {f"backbone.{k}": v for k, v in fake_efficientnet_backbone(seed=3).items()}
   with pytest.raises(convert.CheckpointMismatchError) as info:
     pretrained.efficientdet_backbone_state_dict(p0_backbone, _config(P2))   # d0 weights for P2 (the MPII-P2 bug)
   assert "backbone.blocks.0.1.conv_dw.weight" in str(info.value)
   assert "EfficientDet checkpoint" in str(info.value)
   with pytest.raises(convert.CheckpointMismatchError, match="missing keys"):
     pretrained.imagenet_state_dict(p0_backbone, _config())   # an EfficientDet file given as the ImageNet one
-  d2_tensors = _fake_backbone_tensors(seed=4, tsv="eeffpose_p2_state_dict.tsv")
+  d2_tensors = fake_efficientnet_backbone(seed=4, tsv="eeffpose_p2_state_dict.tsv")
   d2_backbone = {f"backbone.{k}": v for k, v in d2_tensors.items()}
   assert len(pretrained.efficientdet_backbone_state_dict(d2_backbone, _config(P2))) == 5 + 2 * 14 + 21 * 19
   with pytest.raises(convert.CheckpointMismatchError, match="unexpected keys"):

@@ -17,7 +17,7 @@ import pytest
 import test_train as tt
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
+REPO_ROOT = os.path.dirname(os.path.dirname(TESTS_DIR))
 
 LAUNCHER = ("import sys; sys.path.insert(0, {tests!r}); import test_train; from meme_jax import main; main.run()")
 
@@ -26,7 +26,7 @@ import test_train
 
 
 def get_config(arg=""):
-  # SGD keeps runs on different device layouts comparable (see tests/test_train.py).
+  # SGD keeps runs on different device layouts comparable (see tests/core/test_train.py).
   return test_train.toy_config(num_epochs=int(arg or 2), optimizer="sgd", lr=0.5, bn_group_size=4)
 """
 
