@@ -1,4 +1,4 @@
-"""COCO keypoint AP with pycocotools: the official results JSON, rescoring + OKS-NMS per image, COCOeval.
+"""COCO keypoint AP with pycocotools: the official results JSON, per-image OKS-NMS selection, COCOeval.
 
 The ten stats come back by name, in COCOeval's order: AP, AP .5, AP .75, AP (M), AP (L), AR, AR .5, AR .75,
 AR (M), AR (L) (the names the HRNet family logs). Any COCO-format keypoint set works (its own joint count and
