@@ -285,9 +285,8 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   logging.info("Devices: %d (%d local) of %s on %d process(es)", jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform, jax.process_count())
 
-  batch_per_process = parallel.per_process_batch_size(int(train_cfg.batch_size), mesh,
-                                                     int(train_cfg.get("grad_accum_steps", 1)))
   accum = int(train_cfg.get("grad_accum_steps", 1))
+  batch_per_process = parallel.per_process_batch_size(int(train_cfg.batch_size), mesh, accum)
   seed = int(config.get("seed", 0))
   loader = task.train_loader(seed=int(config.data.get("seed", seed)), shard_index=jax.process_index(),
                              shard_count=jax.process_count(), batch_size_per_process=batch_per_process,
