@@ -70,7 +70,7 @@ def joint_group_fields(dataset: str, num_joints: int, flip_pairs) -> dict:
 
 
 def bottomup_data(dataset: str, input_size: int) -> ml_collections.ConfigDict:
-  """The data section of a DEM experiment (spec dem 2 and 5)."""
+  """The data section of a DEM experiment: the original's targets and training augmentation."""
   data = ml_collections.ConfigDict()
   data.dataset = dataset                # 'coco' | 'crowdpose' | 'mpii' | 'synthetic' (keypoint convention below)
   data.format = "mpii" if dataset == "mpii" else "coco"

@@ -1,6 +1,6 @@
 """Bottom-up (DEM) training data on grain: whole images with every person, random affine + flip, DEM targets.
 
-Pipeline per sample (spec dem 2 and 5):
+Pipeline per sample, the original DEM's targets and augmentation:
 1. Read the image (RGB) and build the loss mask at image size: 0 on crowd regions and on the segmentations of people
    without keypoints (pycocotools RLE/polygons), 1 elsewhere. Annotations without a segmentation (CrowdPose, MPII)
    mask nothing, which is the original's all-ones CrowdPose mask.
@@ -111,7 +111,7 @@ def annotation_mask(segmentations: Sequence[Any], height: int, width: int, where
 # ------------------------------------------------------------------------------------------------ augmentation
 
 def sample_affine(rng: np.random.Generator, height: int, width: int, data) -> Dict[str, Any]:
-  """Draws (center, scale, rotation) of the random affine (spec 5)."""
+  """Draws (center, scale, rotation) of the original DEM's random affine (step 3 above)."""
   scale_type = data.get("scale_type", "short")
   if scale_type == "short":
     scale = min(height, width) / 200.0

@@ -3,7 +3,7 @@ image records, both read by one image / annotation reader with one set of checks
 
 Any COCO-format keypoint file works by config alone: `data.num_joints`, `data.flip_pairs`, `data.oks_sigmas` describe
 the keypoint convention, and `data.category_id` (default: the first category of the file, as the original) picks the
-person category. The record rule is the original's (spec eeffpose 4.3):
+person category. The record rule is the original EEffPose's:
   * non-crowd annotations of the person category with area > 0 whose box, clipped to the image as
     x1 = max(0, x), y1 = max(0, y), x2 = min(W-1, x1 + max(0, w-1)), y2 = min(H-1, y1 + max(0, h-1)),
     has x2 >= x1 and y2 >= y1; annotations whose keypoint list is all zeros are left out;
@@ -88,7 +88,7 @@ def person_category(coco: COCO, data_config) -> int:
 
 
 def clip_box(box, width: float, height: float):
-  """The original's box sanitising (spec 4.3): returns [x1, y1, x2-x1, y2-y1], or None when it is empty."""
+  """The original's box sanitising: returns [x1, y1, x2-x1, y2-y1], or None when it is empty."""
   x, y, w, h = box
   x1 = max(0.0, x)
   y1 = max(0.0, y)
@@ -101,7 +101,7 @@ def clip_box(box, width: float, height: float):
 
 def load_coco_records(annotation_file: str, image_dir: str, data_config, *, train: bool,
                       report: Optional[SkipReport] = None, check_files: bool = True) -> List[Dict[str, Any]]:
-  """Ground-truth person records of a COCO-format keypoint file (spec 4.3).
+  """Ground-truth person records of a COCO-format keypoint file, by the record rule of this module's docstring.
 
   `train` names the split in messages; the rule is the same for both, as in the original (its GT-box evaluation uses
   the training rule). Images are visited in file order, annotations in file order within an image.
@@ -271,7 +271,7 @@ def load_detection_records(det_file: str, annotation_file: Optional[str], image_
                            check_files: bool = True) -> List[Dict[str, Any]]:
   """Person detections (`COCO_val2017_detections_AP_H_56_person.json` format) as records for evaluation.
 
-  As the original (spec 4.3): only the person category, drop boxes with score < `score_threshold`, the unclipped box
+  As the original: only the person category, drop boxes with score < `score_threshold`, the unclipped box
   gives center/scale with the same rule; the score is kept for rescoring. Joints are zero and not visible; `area` is
   the box area. Image files come from `annotation_file`'s image entries (by image_id), or are `%012d.jpg` when it is
   None. A detection of zero area or for an unknown image is bad data.

@@ -7,7 +7,7 @@ import numpy as np
 
 from data_pipelines.records import BadRecordError
 
-# IMREAD_IGNORE_ORIENTATION: the annotations refer to the stored pixel grid, as in the original (spec 4.4 step 1).
+# IMREAD_IGNORE_ORIENTATION: the annotations refer to the stored pixel grid, which the original reads too.
 _FLAGS_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _FLAGS_BGR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 

@@ -102,7 +102,7 @@ def aspect_ratio(data_config) -> float:
 
 
 def center_scale_from_box(box, data_config, padding: Optional[float] = None):
-  """[x, y, w, h] -> center (2,), scale (2,) float32 with the aspect fix and padding of spec 4.3."""
+  """[x, y, w, h] -> center (2,), scale (2,) float32: grown to the input's aspect, then padded, as the original."""
   x, y, w, h = (float(v) for v in box)
   return affine.box_to_center_scale(
       x, y, w, h, aspect_ratio(data_config),

@@ -4,7 +4,7 @@ Install with the `[tfds]` extra (tensorflow-datasets, array_record, importlib_re
 needed, because the files are array_record and the builder is run from Python (`tfds build` needs apache_beam).
 
 One example per image: the encoded image bytes (exactly the file's bytes, so decoding gives the same pixels as the
-file path) and the image's person records, made by this package's loaders with the config's rules (spec 4.3), so the
+file path) and the image's person records, made by this package's loaders with the config's rules, so the
 two paths agree. Building:
 
     from data_pipelines import tfds_builders

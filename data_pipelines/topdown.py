@@ -74,7 +74,7 @@ def load_records(config, split: str, report: Optional[SkipReport] = None) -> Lis
 
 
 def eval_records(config) -> List[Dict[str, Any]]:
-  """The records evaluation crops: GT boxes (`config.test.use_gt_bbox`) or the detections file (spec 4.3)."""
+  """The records evaluation crops: GT boxes (`config.test.use_gt_bbox`) or the detections file."""
   test = config.get("test", None)
   if test is None or test.get("use_gt_bbox", True) or not config.data.get("val_detections", ""):
     return load_records(config, "val")

@@ -1,4 +1,4 @@
-"""Top-down transforms: the original training augmentation (spec eeffpose 4.4) as small composable steps.
+"""Top-down transforms: the original EEffPose training augmentation as small composable steps.
 
 A sample is a dict: `image` (H, W, 3) uint8, `joints` (J, 2) float32 image pixels, `visible` (J,) float32,
 `center` (2,), `scale` (2,) (units of pixel_std), `rotation` (degrees), `flipped` (bool). Each step is a callable
@@ -47,7 +47,7 @@ class Compose:
 
 class HalfBody:
   """With probability `prob`, when more than `num_joints_half_body` joints are visible, re-centres the box on the
-  upper or the lower body (spec 4.4 step 2). A selection whose joints all coincide would give a zero-size box (the
+  upper or the lower body. A selection whose joints all coincide would give a zero-size box (the
   original then builds a degenerate affine and crops nothing usable); such a sample keeps its full box."""
 
   def __init__(self, upper_body_ids: Sequence[int], num_joints: int, prob: float = 0.3, num_joints_half_body: int = 8,
@@ -91,7 +91,7 @@ class HalfBody:
 
 class RandomScaleRotation:
   """scale *= clip(N(0,1) * sf + 1, 1 - sf, 1 + sf); with probability `rotation_prob`, rotation =
-  clip(N(0,1) * rf, -2 rf, 2 rf) degrees, else 0 (spec 4.4 steps 3-4)."""
+  clip(N(0,1) * rf, -2 rf, 2 rf) degrees, else 0."""
 
   def __init__(self, scale_factor: float = 0.35, rotation_factor: float = 45.0, rotation_prob: float = 0.6):
     self.sf = scale_factor
@@ -110,7 +110,7 @@ class RandomScaleRotation:
 
 class RandomFlip:
   """With probability `prob`: mirror the image, x -> W - 1 - x for the joints and the center, swap the flip pairs,
-  and zero the joints that are not visible (spec 4.4 step 5)."""
+  and zero the joints that are not visible."""
 
   def __init__(self, flip_pairs: Sequence[Sequence[int]], num_joints: int, prob: float = 0.5):
     self.perm = keypoints_lib.flip_permutation(num_joints, flip_pairs)
@@ -141,8 +141,8 @@ def flip_sample(sample: Sample, perm: np.ndarray) -> Sample:
 
 
 class AffineCrop:
-  """Crops with `cv2.warpAffine` to `image_size` (W, H) and maps the visible joints with the same 2x3 matrix
-  (spec 4.4 step 6). Stores the matrix as `affine`. `udp`: the UDP codec's alignment (`affine.crop_matrix`)."""
+  """Crops with `cv2.warpAffine` to `image_size` (W, H) and maps the visible joints with the same 2x3 matrix.
+  Stores the matrix as `affine`. `udp`: the UDP codec's alignment (`affine.crop_matrix`)."""
 
   def __init__(self, image_size: Tuple[int, int], pixel_std: float = 200.0, udp: bool = False):
     self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -194,7 +194,7 @@ class Normalize:
 
 
 class GenerateHeatmaps:
-  """Gaussian heatmap targets and target weights from the crop-space joints, by the shared codec (spec 4.4 step 8).
+  """Gaussian heatmap targets and target weights from the crop-space joints, by the shared codec.
   Adds `heatmaps` (H, W, J) float32 and `target_weight` (J,) float32."""
 
   def __init__(self, codec: MSRAHeatmap):
@@ -217,7 +217,7 @@ def normalize_from_config(data_config) -> Normalize:
 
 
 def train_steps(data_config) -> List[Callable]:
-  """The original training augmentation (spec 4.4) from a config's data section, step by step."""
+  """The original training augmentation from a config's data section, step by step."""
   steps: List[Callable] = []
   num_joints = int(data_config.num_joints)
   for name, ids in (("flip_pairs", [j for pair in data_config.flip_pairs for j in pair]),
@@ -240,7 +240,7 @@ def train_steps(data_config) -> List[Callable]:
 
 
 def eval_steps(data_config) -> List[Callable]:
-  """Crop and normalise, no augmentation (spec 4.4 step 9)."""
+  """Crop and normalise with no augmentation, as the original's validation and test samples."""
   return [AffineCrop(data_config.image_size, data_config.pixel_std, udp=heatmap_codec(data_config).udp),
           normalize_from_config(data_config)]
 

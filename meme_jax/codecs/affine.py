@@ -1,4 +1,4 @@
-"""The top-down crop affines: the HRNet family's (spec eeffpose 4.4 step 6 and 5.2 step 3) and UDP's.
+"""The top-down crop affines: the HRNet family's (for the crops and for mapping predictions back) and UDP's.
 
 A person box is a centre (x, y) and a scale (s_x, s_y) in units of `pixel_std` (200) pixels. The HRNet crop maps the
 centre to the middle of the output and the (rotated) vector (0, -s_x * 200 / 2) to (0, -W_out / 2); only s_x sets the
@@ -109,7 +109,7 @@ def apply_affine(points, matrix) -> np.ndarray:
 
 
 def box_to_center_scale(x, y, w, h, aspect_ratio: float, padding: float = 1.25, pixel_std: float = 200.0):
-  """[x, y, w, h] box -> (center, scale): fix the aspect ratio (W/H of the input), then pad (spec 4.3)."""
+  """[x, y, w, h] box -> (center, scale): fix the aspect ratio (W/H of the input), then pad, as the original."""
   center = np.array([x + w * 0.5, y + h * 0.5], dtype=np.float32)
   if w > aspect_ratio * h:
     h = w * 1.0 / aspect_ratio

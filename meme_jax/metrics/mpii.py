@@ -1,4 +1,4 @@
-"""MPII PCKh as the HRNet family reports it (spec eeffpose 5.4), from the `gt_valid.mat` ground truth.
+"""MPII PCKh as the HRNet family reports it, from the `gt_valid.mat` ground truth.
 
 err = ||pred - gt|| / (0.6 * ||headbox corner 2 - corner 1||), counted only where `jnt_missing` is 0. Reported:
 Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle (left/right averaged), Mean (visible-count weighted over the 14

@@ -43,7 +43,7 @@ def sample_config(name: str, tiny: bool = False):
 
 
 def test_multi_scale_size_as_the_original():
-  # Spec dem 4.1: a 427x640 image has a 512x768 base at scales [0.5 ... 2].
+  # Measured on the original: a 427x640 image has a 512x768 base at scales [0.5 ... 2].
   size, center, scale = bottomup.multi_scale_size(427, 640, 512, 1.0, 0.5)
   assert size == (768, 512)
   np.testing.assert_array_equal(center, [320, 214])
@@ -96,7 +96,7 @@ def test_flip_merge_undoes_the_mirror_exactly():
   heat, tags, offsets = single
   assert heat.shape == (32, 48, k) and tags.shape == (32, 48, k, 2) and offsets.shape == (32, 48, n)
   np.testing.assert_array_equal(tags[..., 0], tags[..., 1])          # without the mirror the tag is repeated
-  # The 1/2-res heatmaps alone, projected (the original), vs averaged with the 1/4-res ones (I3).
+  # The 1/2-res heatmaps alone, projected (the original), vs averaged with the 1/4-res ones (as upstream HigherHRNet).
   heat_half = combine(plain, (16, 24), groups, flip=False, average_quarter=False, offset_factor=1.0)[0]
   np.testing.assert_allclose(heat_half, hm_h[0], atol=1e-6)
   heat_both = combine(plain, (16, 24), groups, flip=False, average_quarter=True, offset_factor=1.0)[0]
@@ -106,7 +106,7 @@ def test_flip_merge_undoes_the_mirror_exactly():
 
 def test_offsets_are_base_map_pixels_at_every_scale_and_aspect():
   """Ideal outputs at scales 0.5 and 2 of a non-square image: read at an elbow's peak, the de-normalised offsets give
-  the true displacement to its shoulder in base-map pixels (I4 fixed); the original's rule is off by
+  the true displacement to its shoulder in base-map pixels; the original's rule is off by
   s * hypot(W_b, H_b) / (sqrt(2) * 512)."""
   codec = DEMCodec.from_config(COCO)
   groups = grouping.JointGroups.from_config(COCO)
@@ -222,13 +222,13 @@ def test_scale_aggregation_and_tag_scale():
   np.testing.assert_allclose(offsets, 4.0)
   assert tags == "tags 1"
   options = bottomup.TestOptions(scale_factors=(0.5, 0.75, 1.5))
-  assert options.tag_scale == 0.75                 # I10: no 1.0 among the scales -> the closest one
+  assert options.tag_scale == 0.75                 # no 1.0 (the original crashes): tags from the closest
   assert bottomup.TestOptions(scale_factors=(0.5, 1.0, 2.0)).tag_scale == 1.0
   assert bottomup.offset_factor(options, 0.5, (768, 512)) == pytest.approx(math.sqrt(2) * 512 / 0.5)
   original = dataclasses.replace(options, offset_denorm="original")
   assert bottomup.offset_factor(original, 0.5, (768, 512)) == pytest.approx(math.hypot(768, 512))
   config = meme_jax.load_config("configs/dem_w32_coco.py")
-  del config.test.scale_factors                 # the original yamls' value, parsed as one string (I12)
+  del config.test.scale_factors                 # the original yamls' value: full-width commas, so one string
   config.test.scale_factors = "0.5， 1， 2"
   with pytest.raises(ValueError, match="full-width"):
     bottomup.TestOptions.from_config(config)

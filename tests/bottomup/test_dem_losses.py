@@ -80,7 +80,7 @@ def test_ae_max_type_by_hand():
 
 
 def original_ae_loop(tags_nchw, joints):
-  """The original per-image loop (spec 3), in torch, for comparison on random data with >= 2 people."""
+  """The original's per-image push/pull loop, in torch, for comparison on random data with >= 2 people."""
   flat = tags_nchw.reshape(tags_nchw.shape[0], -1)
   pushes, pulls = [], []
   for b in range(flat.shape[0]):

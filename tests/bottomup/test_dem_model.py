@@ -1,7 +1,7 @@
 """DEM network: structure, parameter counts, checkpoint conversion and numerical parity with the original.
 
 Truth comes from outside this code base: the original's state_dict key list (spec/dem_w32_512_state_dict.tsv), the
-parameter counts measured on the original model (spec dem 1.5-1.6), a checkpoint of the original with the outputs
+parameter counts measured on the original model, a checkpoint of the original with the outputs
 it computed in float64 (reference/dem_tiny_coco), and torch itself for resizing and initialisation rules.
 """
 import functools
@@ -100,7 +100,7 @@ def test_parameter_count(spec, expected):
 
 
 def test_parameter_count_crowdpose_w48():
-  # CrowdPose heads on the W48 backbone (yaml crowd_pose/w48_640): spec dem 1.5.
+  # CrowdPose heads on the W48 backbone (yaml crowd_pose/w48_640): the original's count.
   config = meme_jax.load_config("configs/dem_w32_crowdpose.py")
   w48 = meme_jax.load_config("configs/dem_w48_coco.py")
   for field in ("stage2", "stage3", "stage4", "deconv"):
@@ -354,7 +354,8 @@ def test_joint_groups_and_flip_indices():
   coco = meme_jax.load_config("configs/dem_w32_coco.py").data
   assert coco.flip_index == (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15, 17)
   assert coco.num_offsets == 42 and coco.ljg_parents == (5, 6, 7, 8, 11, 12, 13, 14)
-  # Spec dem 4.2: offset group of joint g takes the channels of its mirror; channel starts from spec dem 2.4.
+  # Flip test: joint g's offset group takes its mirror's channels; the original's channel layout gives 2 channels
+  # per centre-only joint, 4 per limb joint, in joint order.
   starts = {0: 0, 1: 2, 2: 4, 3: 6, 4: 8, 7: 10, 8: 14, 9: 18, 10: 22, 13: 26, 14: 30, 15: 34, 16: 38}
   mirror = dict(zip((0, 1, 2, 3, 4, 7, 8, 9, 10, 13, 14, 15, 16), (0, 2, 1, 4, 3, 8, 7, 10, 9, 14, 13, 16, 15)))
   expected = []

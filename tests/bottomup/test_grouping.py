@@ -270,7 +270,7 @@ def test_parent_match_needs_agreeing_centre():
 
 
 def test_centreless_persons_stay_out_of_the_centre_fallback():
-  """I8: a person started by an unmatched torso joint has centre (0, 0); the original let limbs near the origin
+  """A person started by an unmatched torso joint has centre (0, 0); the original let limbs near the origin
   attach to it."""
   cands = candidates({
       CENTER: [(300, 300, 0.9, 0.0, {})],
@@ -323,7 +323,8 @@ def test_scores_and_person_cap():
 
 
 def reference_mrm(ans, rjg, ljg_4, thr):
-  """The original's mutual_refine_machine (spec 4.7), transcribed for COCO / CrowdPose (parent j-2, child j+2)."""
+  """The original's mutual_refine_machine (its pipeline never calls it), transcribed for COCO / CrowdPose
+  (parent j-2, child j+2)."""
   out = ans.copy()
   for step, j in enumerate(ljg_4):
     if step not in (0, 1, 4, 5):

@@ -1,4 +1,4 @@
-"""COCO-format loading on the real samples: the record rule of spec 4.3, detections, CrowdPose by config, bad data."""
+"""COCO-format loading on the real samples: the original's record rule, detections, CrowdPose by config, bad data."""
 import copy
 import json
 import os
@@ -22,7 +22,7 @@ def config():
 
 
 def expected_records(raw, num_joints, aspect=192 / 256):
-  """The original's rule, written out again from the spec on the raw json."""
+  """The original's record rule, written out again directly on the raw json."""
   images = {img["id"]: img for img in raw["images"]}
   out = []
   for img in raw["images"]:

@@ -28,7 +28,7 @@ def test_mpii_records(config):
   assert len(records) == len(raw) == 5
   for rec, a in zip(records, raw):
     s = a["scale"]
-    # spec 4.3: center y += 15 s, s *= 1.25, then everything 1-based -> 0-based.
+    # The original's MPII record rule: center y += 15 s, s *= 1.25, then everything 1-based -> 0-based.
     np.testing.assert_allclose(rec["center"], [a["center"][0] - 1, a["center"][1] + 15 * s - 1], rtol=1e-6)
     np.testing.assert_allclose(rec["scale"], [1.25 * s, 1.25 * s], rtol=1e-6)
     np.testing.assert_allclose(rec["joints"], np.array(a["joints"]) - 1, rtol=1e-6)

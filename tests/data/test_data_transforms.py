@@ -31,8 +31,8 @@ def coco_records(config):
 
 
 def inverse_map(center, scale, rotation_deg, size, u, v):
-  """Crop pixel (u, v) -> image point, derived from spec 4.4 step 6: a similarity taking the center to the crop
-  middle and the rotated vector (0, -s_x*100) to (0, -W/2)."""
+  """Crop pixel (u, v) -> image point, derived from the original's crop construction: a similarity taking the
+  center to the crop middle and the rotated vector (0, -s_x*100) to (0, -W/2)."""
   zoom = size[0] / (scale[0] * 200.0)
   a = np.deg2rad(rotation_deg)
   du, dv = (u - size[0] / 2.0) / zoom, (v - size[1] / 2.0) / zoom

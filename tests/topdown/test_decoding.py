@@ -1,4 +1,4 @@
-"""Heatmap decoding against the original rules (spec eeffpose 5.1-5.2) on hand-made maps with known answers."""
+"""Heatmap decoding against the original's flip-test and get_final_preds rules on hand-made maps with known answers."""
 import math
 
 import cv2

@@ -1,7 +1,7 @@
 """EEffPose network: structure, parameter counts, checkpoint conversion, numerical parity and pretrained mapping.
 
-Truth comes from outside this code base: the parameter counts and state_dict key lists measured on the original
-PyTorch model (spec eeffpose 2 and 6, spec/*.tsv), a checkpoint of the original P0 with the outputs it computed in
+Truth comes from outside this code base: the parameter counts (every ablation variant) and state_dict key lists
+(spec/*.tsv) measured on the original PyTorch model, a checkpoint of the original P0 with the outputs it computed in
 float64 (reference/eeffpose_p0_coco), and the checkpoint variants (FP16 `1.` prefix, `module.`, wrappers) built here
 with torch exactly as the original code writes them.
 """
@@ -36,7 +36,7 @@ TOLERANCE = 1e-4
 # Low LLVM optimisation compiles the big graphs several times faster on CPU; numerics are unchanged.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-# Ablation switches of spec eeffpose 2: [abc] = backbone 'Ours', neck 'Ours', head 'Ours'.
+# The original's ablation variants [abc] = backbone 'Ours', neck 'Ours', head 'Ours'.
 ABLATIONS = {
     "000": dict(backbone="efficientnet", neck="bifpn", head="sum"),
     "001": dict(backbone="efficientnet", neck="bifpn", head="attention"),
@@ -240,7 +240,7 @@ def test_bifpn_variables_use_effdet_names():
 
 
 def test_copied_branches_take_drop_rates_of_the_new_stage():
-  """Spec eeffpose 1.3/7.3: copies of stage2[-1] in HRB 6 get stage 3's rates, fuse layers the last block's."""
+  """As the original: copies of stage2[-1] in HRB 6 get stage 3's rates, fuse layers the last block's."""
   model = build_model(_config())
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   bound = model.bind(shapes)
@@ -506,7 +506,8 @@ def test_bifpn_rejects_sizes_that_do_not_halve():
 
 
 def test_mbblock_drop_path_zeroes_whole_samples_without_residual():
-  """Spec eeffpose 7.2: the fusion MBBlock drops its whole output per sample and rescales survivors."""
+  """As the original, whose fusion MBBlock has no skip yet keeps drop path: it zeroes its whole output per sample
+  and rescales survivors."""
   cell = fusion.TotalFusion((8, 16), (8, 16), (0.5, 0.5))
   inputs = [jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 8)),
             jax.random.normal(jax.random.PRNGKey(2), (16, 4, 4, 16))]

@@ -130,7 +130,7 @@ def original_decode(heatmaps_njhw):
 
 
 def by_hand(config, model, variables, records):
-  """Every step of spec 5.1-5.3 written out: crop, flip, merge with the shift, decode, inverse affine."""
+  """Every step of the original's evaluation written out: crop, flip, merge with the shift, decode, inverse affine."""
   w, h = config.data.image_size
   out = []
   perm = np.arange(config.data.num_joints)
