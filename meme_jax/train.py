@@ -334,20 +334,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
                                     keep=int(train_cfg.get("keep_checkpoints", 3)), best_metric=task.metric_name,
                                     asynchronous=bool(train_cfg.get("async_checkpoints", True)))
   data_iter = iter(loader)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    if int(meta["steps_per_epoch"]) != steps_per_epoch or int(meta["batch_size"]) != int(train_cfg.batch_size):
-      ckpt.close()
-      raise ValueError(f"the checkpoint at step {latest} in {workdir} was written with {meta['steps_per_epoch']} "
-                       f"steps per epoch and batch {meta['batch_size']}; this config has {steps_per_epoch} and "
-                       f"{train_cfg.batch_size}: use another --workdir")
-    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state), data_iter)
-    schedule.load_state_dict(meta["schedule"])
-    info.best_metric, info.best_step = meta.get("best_metric"), meta.get("best_step")
-    info.last_stats, info.last_stats_step = meta.get("last_stats"), meta.get("last_stats_step")
-    logging.info("Resumed from %s at step %d (epoch %d)", ckpt.directory / str(latest), latest,
-                 latest // steps_per_epoch)
+  state = _resume(ckpt, state, data_iter, schedule, info, config, workdir)
 
   apply_fn = make_apply_fn(task.build_model(config))
   step = int(parallel.local_value(state.step))
@@ -476,6 +463,28 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
   writer.write_scalars(step, {reporting.scalar_tag(f"final/{k}"): v for k, v in stats.items()})
   writer.close()
   return summary
+
+
+def _resume(ckpt, state: TrainState, data_iter, schedule, info: RunInfo, config, workdir: str) -> TrainState:
+  """The state of the newest complete checkpoint (with the data iterator, the schedule and `info` restored in
+  place), or `state` when there is none."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state
+  meta = ckpt.restore_meta(latest)
+  batch_size = int(config.train.batch_size)
+  if int(meta["steps_per_epoch"]) != info.steps_per_epoch or int(meta["batch_size"]) != batch_size:
+    ckpt.close()
+    raise ValueError(f"the checkpoint at step {latest} in {workdir} was written with {meta['steps_per_epoch']} "
+                     f"steps per epoch and batch {meta['batch_size']}; this config has {info.steps_per_epoch} and "
+                     f"{batch_size}: use another --workdir")
+  state, meta = ckpt.restore(latest, checkpointing.abstract_like(state), data_iter)
+  schedule.load_state_dict(meta["schedule"])
+  info.best_metric, info.best_step = meta.get("best_metric"), meta.get("best_step")
+  info.last_stats, info.last_stats_step = meta.get("last_stats"), meta.get("last_stats_step")
+  logging.info("Resumed from %s at step %d (epoch %d)", ckpt.directory / str(latest), latest,
+               latest // info.steps_per_epoch)
+  return state
 
 
 def _check_finite(step: int, finite, *, nan_policy: str, steps_per_epoch: int) -> None:
