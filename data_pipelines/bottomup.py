@@ -14,6 +14,8 @@ Pipeline per sample, the original DEM's targets and augmentation:
 4. Flip with probability `flip_prob`: image and masks mirrored, people re-indexed by the flip index with the centre
    and x <- r - 1 - x at each output size.
 5. Targets from `DEMCodec.encode`; the image normalised with the ImageNet mean and std.
+Steps 3-5 are composable steps (`train_steps`: `RandomAffine`, `WarpImage`, `WarpPeopleAndMasks`, `EncodeTargets`),
+as the top-down augmentation's in `data_pipelines.transforms`.
 
 Batches (dicts of numpy arrays, B = batch_size_per_process, S = input size, r_0, r_1 = `data.output_size`,
 K = joints + 1, C = offset channels, P = `data.max_num_people`):
@@ -37,6 +39,7 @@ from data_pipelines import images as images_lib
 from data_pipelines import mpii as mpii_lib
 from data_pipelines import records as records_lib
 from data_pipelines import synthetic
+from data_pipelines import transforms
 from data_pipelines import workers
 from data_pipelines.records import BadRecordError, SkipReport
 from meme_jax.codecs import affine
@@ -137,52 +140,106 @@ def transform_people(people: np.ndarray, matrix: np.ndarray) -> np.ndarray:
   return out
 
 
+class RandomAffine:
+  """Draws the sample's affine and flip (steps 3 and 4 above); without `augment`, the whole image with its short
+  side filling the square, centred, unflipped (the evaluation's view of a training image)."""
+
+  def __init__(self, data, augment: bool = True):
+    self.data, self.augment = data, augment
+
+  def __call__(self, sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+    height, width = sample["image"].shape[:2]
+    if self.augment:
+      sample["affine"] = sample_affine(rng, height, width, self.data)
+      sample["flip"] = rng.uniform() < float(self.data.get("flip_prob", 0.5))
+    else:
+      sample["affine"] = dict(center=np.array([width / 2.0, height / 2.0]), scale=min(height, width) / 200.0,
+                              rotation=0.0)
+      sample["flip"] = False
+    return sample
+
+
+class WarpImage:
+  """The image through the sample's affine to the input size (bilinear, black border), mirrored when flipped,
+  normalised with the ImageNet mean and std."""
+
+  def __init__(self, input_size: int):
+    self.size = int(input_size)
+
+  def __call__(self, sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+    aff, size = sample["affine"], self.size
+    matrix = affine.square_crop_matrix(aff["center"], aff["scale"], size, aff["rotation"])
+    warped = cv2.warpAffine(sample["image"], matrix, (size, size), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT)
+    if sample["flip"]:
+      warped = warped[:, ::-1]
+    sample["image"] = np.ascontiguousarray(images_lib.normalize_image(warped))
+    return sample
+
+
+class WarpPeopleAndMasks:
+  """The loss mask and the people through the sample's affine to every output size, mirrored when flipped: adds
+  `masks_i` and the people per resolution (`people_per_resolution`)."""
+
+  def __init__(self, codec: DEMCodec):
+    self.codec = codec
+
+  def __call__(self, sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+    aff = sample["affine"]
+    mask_u8 = (sample.pop("mask") * 255).astype(np.uint8)
+    people = sample.pop("people")
+    per_resolution = []
+    for i, r in enumerate(self.codec.output_sizes):
+      matrix = affine.square_crop_matrix(aff["center"], aff["scale"], r, aff["rotation"])
+      m = cv2.warpAffine(mask_u8, matrix, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) / 255.0
+      m = (m > 0.5).astype(np.float32)
+      p = transform_people(people, matrix)
+      if sample["flip"]:
+        m = m[:, ::-1]
+        p = self.codec.flip_people(p, r)
+      sample[f"masks_{i}"] = np.ascontiguousarray(m)
+      per_resolution.append(p)
+    sample["people_per_resolution"] = per_resolution
+    return sample
+
+
+class EncodeTargets:
+  """The DEM targets of the people at every output size (step 5 above): heatmaps_i, offsets_i and joints_0."""
+
+  def __init__(self, codec: DEMCodec):
+    self.codec = codec
+
+  def __call__(self, sample: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+    targets = self.codec.encode(sample.pop("people_per_resolution"))
+    for i in range(len(self.codec.output_sizes)):
+      sample[f"heatmaps_{i}"] = targets[f"heatmaps_{i}"]
+      sample[f"offsets_{i}"] = targets[f"offsets_{i}"]
+    sample["joints_0"] = targets["joints_0"]
+    return sample
+
+
+def train_steps(config, codec: DEMCodec, augment: bool = True) -> List[Any]:
+  """The original DEM's augmentation and targets, step by step (as `transforms.Compose` takes them)."""
+  return [RandomAffine(config.data, augment), WarpImage(codec.input_size), WarpPeopleAndMasks(codec),
+          EncodeTargets(codec)]
+
+
 class BottomUpSample(grain.transforms.RandomMap):
   """record -> one training sample (dict of numpy arrays, keys as the module docstring), for `random_map`."""
 
   def __init__(self, config, codec: Optional[DEMCodec] = None, augment: bool = True):
-    self.data = config.data
     self.codec = codec or DEMCodec.from_config(config)
-    self.augment = augment
+    self.steps = transforms.Compose(train_steps(config, self.codec, augment))
 
   def random_map(self, record: Dict[str, Any], rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    codec, data = self.codec, self.data
     image = images_lib.read_image(record["file"], expected_size=(record["width"], record["height"]),
                                   context=f" (image_id {record['image_id']})")
     height, width = image.shape[:2]
     mask = annotation_mask(record["segmentations"], height, width,
                            where=f"{record['file']} (image_id {record['image_id']})")
-    people = codec.add_centers(record["keypoints"])
-    if self.augment:
-      aff = sample_affine(rng, height, width, data)
-      flip = rng.uniform() < float(data.get("flip_prob", 0.5))
-    else:   # the whole image, short side filling the square, centred
-      aff = dict(center=np.array([width / 2.0, height / 2.0]), scale=min(height, width) / 200.0, rotation=0.0)
-      flip = False
-    size = codec.input_size
-    m_in = affine.square_crop_matrix(aff["center"], aff["scale"], size, aff["rotation"])
-    warped = cv2.warpAffine(image, m_in, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    if flip:
-      warped = warped[:, ::-1]
-    sample = {"image": images_lib.normalize_image(warped)}
-    people_per_resolution = []
-    mask_u8 = (mask * 255).astype(np.uint8)
-    for i, r in enumerate(codec.output_sizes):
-      m_out = affine.square_crop_matrix(aff["center"], aff["scale"], r, aff["rotation"])
-      m = cv2.warpAffine(mask_u8, m_out, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) / 255.0
-      m = (m > 0.5).astype(np.float32)
-      p = transform_people(people, m_out)
-      if flip:
-        m = m[:, ::-1]
-        p = codec.flip_people(p, r)
-      sample[f"masks_{i}"] = np.ascontiguousarray(m)
-      people_per_resolution.append(p)
-    targets = codec.encode(people_per_resolution)
-    for i in range(len(codec.output_sizes)):
-      sample[f"heatmaps_{i}"] = targets[f"heatmaps_{i}"]
-      sample[f"offsets_{i}"] = targets[f"offsets_{i}"]
-    sample["joints_0"] = targets["joints_0"]
-    sample["image"] = np.ascontiguousarray(sample["image"])
+    sample = dict(image=image, mask=mask, people=self.codec.add_centers(record["keypoints"]))
+    sample = self.steps(sample, rng)
+    del sample["affine"], sample["flip"]
     return sample
 
 
