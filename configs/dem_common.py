@@ -127,6 +127,7 @@ def model_section(width: int, num_joints: int, num_offsets: int) -> ml_collectio
   model.num_joints = num_joints
   model.with_center = True              # heads predict K = num_joints + 1 points (the centre is last)
   model.num_offsets = num_offsets       # derived from data's joint groups; build_dem checks they agree
+  model.target_platform = ""            # '' = this process's backend; --mode compile sets the compile target's
   # 'bilinear' (align_corners=False) as the double-embedding code | 'nearest' as upstream HigherHRNet / ImageNet HRNet.
   model.fuse_upsample = "bilinear"
   # 'normal': N(0, 0.001) convs, as upstream HigherHRNet's init_weights (the default: it learns). 'torch': PyTorch's

@@ -37,6 +37,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.num_joints = 17
   config.model.dtype = "float32"          # compute dtype; train.mixed_precision overrides it for training
   config.model.depthwise_impl = "auto"   # 'auto' (shift-and-add on CPU, XLA conv on GPU/TPU) | 'shift' | 'conv'
+  # The platform backend-dependent choices ('auto' above) are made for: '' = this process's backend; --mode compile
+  # sets the compile target's.
+  config.model.target_platform = ""
 
   config.data = common.topdown_data("coco", image_size=(192, 256), heatmap_size=(48, 64), sigma=2)
   config.data.val_detections = "data/coco/person_detection_results/COCO_val2017_detections_AP_H_56_person.json"

@@ -4,6 +4,7 @@ r"""Command line: train, evaluate, or inspect a model from an ml_collections con
   python -m meme_jax.main --config configs/eeffpose_p0.py --workdir workdir/p0 --config.train.batch_size=32
   python -m meme_jax.main --config configs/eeffpose_p0.py --workdir workdir/p0 --mode evaluate
   python -m meme_jax.main --config configs/eeffpose_p0.py --mode parameters
+  python -m meme_jax.main --config configs/eeffpose_p0.py --mode compile --topology v5e:2x4 --workdir DIR
 
 Modes:
   train       train (resuming from the newest complete checkpoint in --workdir), evaluate after each
@@ -13,6 +14,9 @@ Modes:
               when the workdir has none; write WORKDIR/eval.json.
   baseline    evaluate the mean-pose baseline only.
   parameters  print the parameter table of the model.
+  compile     compile the train step and the evaluation forward ahead of time for --topology (a TPU topology from
+              any host, or 'local'): memory per chip, FLOPs, collectives, whether it fits; --find_max_batch
+              searches the largest batch per chip (`meme_jax.aot`); write WORKDIR/compile_report.json.
 
 Several hosts: start the same command on every host with --coordinator_address=HOST:PORT, --num_processes=N and
 --process_id=i (or under SLURM / Open MPI / a TPU pod, where they are read from the environment). Two local CPU
@@ -38,7 +42,7 @@ from ml_collections import config_flags
 from meme_jax import config as config_lib
 
 FLAGS = flags.FLAGS
-MODES = ("train", "evaluate", "baseline", "parameters")
+MODES = ("train", "evaluate", "baseline", "parameters", "compile")
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: configs/NAME.py[:ARG]. Override any "
@@ -50,6 +54,17 @@ flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process
 flags.DEFINE_integer("num_processes", 0, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index.")
 flags.DEFINE_list("local_device_ids", [], "Multi-host: the local devices this process uses (default: all).")
+flags.DEFINE_string("topology", "local", "--mode compile: 'local' (this machine's devices) or a TPU topology such as "
+                    "v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4 (needs libtpu, no TPU).")
+flags.DEFINE_integer("num_slices", 1, "--mode compile: slices of --topology.")
+flags.DEFINE_integer("batch_per_chip", 0, "--mode compile: training batch per chip (default: config.train.batch_size "
+                     "over the chips); also the inference batch unless --infer_batch_per_chip.")
+flags.DEFINE_integer("infer_batch_per_chip", 0, "--mode compile: inference batch per chip (default: "
+                     "config.test.batch_size over the chips).")
+flags.DEFINE_bool("find_max_batch", False, "--mode compile: also search the largest batch per chip that fits.")
+flags.DEFINE_float("compile_timeout_s", 0.0, "--mode compile: give up on a compilation after this long (0: never).")
+flags.DEFINE_enum("compile_effort", "", ("", "fast", "default"), "--mode compile: XLA's effort; 'fast' (the "
+                  "default for TPU topologies) keeps the memory plan and compiles in minutes.")
 flags.DEFINE_bool("library_logs", False, "Also show the INFO logs of orbax and grain (checkpoint and data internals).")
 flags.DEFINE_string("compilation_cache_dir", "", "JAX's persistent compilation cache: a rerun of the same config "
                     "loads the compiled programs instead of compiling them again (minutes on a CPU). Default: "
@@ -77,6 +92,15 @@ def _split_host_cpu(num_devices: int) -> None:
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={num_devices}".strip()
 
 
+def _compile_only_tpu() -> None:
+  """For compiling to a TPU topology from this host, before JAX starts: JAX's own backend stays the CPU, and libtpu
+  neither asks a TPU metadata server (it would wait on the network) nor looks for worker hosts. The user's
+  settings of these variables win."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def _print(text: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel  # after _split_host_cpu, as in `_input_errors`
   if jax.process_index() == 0:
@@ -94,13 +118,18 @@ def main(argv) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/eeffpose_p0.py:synthetic")
   _split_host_cpu(int(config.get("train", {}).get("cpu_devices", 0)))
+  if FLAGS.mode == "compile" and FLAGS.topology != "local":
+    _compile_only_tpu()
   if not FLAGS.library_logs:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  if FLAGS.mode != "parameters" and not FLAGS.workdir:
+  if FLAGS.mode not in ("parameters", "compile") and not FLAGS.workdir:
     raise app.UsageError("--workdir is required for --mode=" + FLAGS.mode)
   cache_dir = FLAGS.compilation_cache_dir
   if not cache_dir and FLAGS.workdir:
     cache_dir = os.path.join(os.path.abspath(FLAGS.workdir), "compilation_cache")
+  # Programs compiled for a topology without its devices cannot be read back from the cache: it stays off then.
+  if FLAGS.mode == "compile" and FLAGS.topology != "local":
+    cache_dir = "none"
   if cache_dir and cache_dir.lower() != "none":
     import jax  # pylint: disable=import-outside-toplevel  # after _split_host_cpu, as in `_input_errors`
     jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -122,8 +151,9 @@ def _input_errors() -> tuple:
   """The exception classes that are a problem of the user's input, each with a message that says what to do."""
   # Imported here, not at the top: these modules import jax, whose flags `_split_host_cpu` must set first.
   from data_pipelines import records  # pylint: disable=import-outside-toplevel
+  from meme_jax import aot  # pylint: disable=import-outside-toplevel
   from meme_jax import convert  # pylint: disable=import-outside-toplevel
-  return (records.DataNotFoundError, records.BadRecordError, convert.CheckpointMismatchError)
+  return (records.DataNotFoundError, records.BadRecordError, convert.CheckpointMismatchError, aot.CompileTimeoutError)
 
 
 def _exit_with_error(error: BaseException, code: int, *, traceback: bool) -> None:
@@ -180,6 +210,7 @@ def _run_mode(config) -> int:
   # Imported here, not at the top, for the same reason as in `_input_errors`; distributed initialisation must
   # come before anything touches a device.
   import jax  # pylint: disable=import-outside-toplevel
+  from meme_jax import aot  # pylint: disable=import-outside-toplevel
   from meme_jax import evaluate  # pylint: disable=import-outside-toplevel
   from meme_jax import parallel  # pylint: disable=import-outside-toplevel
   from meme_jax import reporting  # pylint: disable=import-outside-toplevel
@@ -195,6 +226,16 @@ def _run_mode(config) -> int:
         {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
         jax.numpy.zeros((1,) + train.input_shape(config)), train=False))
     print(reporting.log_parameter_overview(dict(variables)))
+    return 0
+
+  if FLAGS.mode == "compile":
+    aot.set_compile_effort(FLAGS.compile_effort or ("default" if FLAGS.topology == "local" else "fast"))
+    report = aot.compile_report(config, FLAGS.topology, num_slices=FLAGS.num_slices,
+                                batch_per_chip=FLAGS.batch_per_chip, infer_batch_per_chip=FLAGS.infer_batch_per_chip,
+                                find_max_batch=FLAGS.find_max_batch, timeout_s=FLAGS.compile_timeout_s,
+                                workdir=os.path.abspath(FLAGS.workdir) if FLAGS.workdir else None)
+    for line in report["summary"]:
+      _print(line)
     return 0
 
   workdir = os.path.abspath(FLAGS.workdir)

@@ -112,9 +112,14 @@ def depthwise_conv(x, kernel, stride: int = 1, padding="SAME", impl: str = "auto
   return _depthwise_shift(x, kernel[:, :, 0, :], stride, pads)
 
 
-def check_impl(impl: str) -> str:
+def check_impl(impl: str, platform: str = "") -> str:
+  """The implementation to build with: `impl`, or for 'auto' the one for `platform` ('' = the backend this
+  process runs on; `--mode compile` gives the compile target, so compiling for a TPU from a CPU host gets XLA's
+  grouped convolution, not the CPU's shift-and-add)."""
   if impl not in ("auto", "shift", "conv"):
     raise ValueError(f"config.model.depthwise_impl={impl!r}: expected 'auto', 'shift' or 'conv'")
+  if impl == "auto":
+    return "shift" if (platform or jax.default_backend()) == "cpu" else "conv"
   return impl
 
 

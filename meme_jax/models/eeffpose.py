@@ -109,7 +109,7 @@ def build_eeffpose(config) -> EEffPose:
       raise ValueError(f"config.model.{name}={value}: must be >= 1")
   if not 0.0 <= drop_path_rate < 1.0:
     raise ValueError(f"config.model.drop_path_rate={drop_path_rate}: must be in [0, 1)")
-  depthwise_impl = depthwise.check_impl(m.get("depthwise_impl", "auto"))
+  depthwise_impl = depthwise.check_impl(m.get("depthwise_impl", "auto"), m.get("target_platform", ""))
   recurrent = bool(m.get("recurrent", False))
   fuse_dense = bool(m.get("fuse_dense", True))
   if backbone == "efficientnet" and recurrent:
