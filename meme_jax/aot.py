@@ -209,9 +209,10 @@ class Planner:
 
   def max_batch(self, compile_at: Callable[[int], Compiled], start: int, limit: int = 1 << 20
                 ) -> Tuple[int, List[Compiled]]:
-    """The largest per-chip batch that compiles (to 1/256 above 512). Peak bytes grow about linearly with the batch, so the two largest
-    batches that fit predict where the capacity is reached (a secant step), which is probed next, kept inside the
-    bracket of the largest batch that fits and the smallest that does not, in turn with halving the bracket."""
+    """The largest per-chip batch that compiles (exact below 512, to 1/256 above). Peak bytes grow about linearly
+    with the batch, so the two largest batches that fit predict where the capacity is reached (a secant step),
+    which is probed next, kept inside the bracket of the largest batch that fits and the smallest that does not,
+    in turn with halving the bracket."""
     tried: Dict[int, Compiled] = {}
     low, high = 0, None
     b, predicted = max(1, start), False
