@@ -8,6 +8,7 @@ import functools
 import tempfile
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,15 +30,9 @@ def _mismatch_key_files_in_tmp_path(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
-def _flatten(tree, prefix=()):
+def _flatten(tree):
   """{path tuple: leaf} of a nested dict of arrays."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
+  return traverse_util.flatten_dict(tree)
 
 
 @functools.lru_cache(maxsize=None)

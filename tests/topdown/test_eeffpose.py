@@ -61,14 +61,9 @@ def _config(spec=P0, **model):
   return config
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
+def _flatten(tree):
+  """{path tuple: leaf} of a nested dict of arrays."""
+  return traverse_util.flatten_dict(tree)
 
 
 def _flat_variables(variables):

@@ -9,6 +9,7 @@ import textwrap
 
 import cv2
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
@@ -174,14 +175,9 @@ def test_evaluate_topdown_matches_a_by_hand_recomputation(config, records, stand
   run_on_two_devices(tmp_path, variables_file, tmp_path / "single_device.npy")
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
+def _flatten(tree):
+  """{path tuple: leaf} of a nested dict of arrays."""
+  return traverse_util.flatten_dict(tree)
 
 
 def run_on_two_devices(tmp_path, variables_file, expected_file):
