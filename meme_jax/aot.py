@@ -207,17 +207,17 @@ class Planner:
         return int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024)
     return _HBM_BYTES.get(self.device_kind)
 
-  def max_batch(self, compile_at: Callable[[int], Compiled], start: int, limit: int = 1 << 20
-                ) -> Tuple[int, List[Compiled]]:
+  def max_batch(self, compile_at: Callable[[int], Compiled], start: int, limit: int = 1 << 20,
+                known: Optional[Compiled] = None) -> Tuple[int, List[Compiled]]:
     """The largest per-chip batch that compiles (exact below 512, to 1/256 above). Peak bytes grow about linearly
     with the batch, so the two largest batches that fit predict where the capacity is reached (a secant step),
     which is probed next, kept inside the bracket of the largest batch that fits and the smallest that does not,
-    in turn with halving the bracket."""
+    in turn with halving the bracket. `known`: the compilation at `start`, when there is one already."""
     tried: Dict[int, Compiled] = {}
     low, high = 0, None
     b, predicted = max(1, start), False
     while True:
-      c = tried[b] = compile_at(b)
+      c = tried[b] = known if known is not None and b == known.batch_per_chip else compile_at(b)
       logging.info("%s at %d per chip: %s (%.0fs)", c.name, b,
                    f"{c.peak_bytes / 2**30:.2f} GiB" if c.fits else "does not fit", c.compile_s)
       if c.fits:
@@ -286,9 +286,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, *, num_slic
                                 precision=config.train.get("mixed_precision", "float32"),
                                 compiled=[dataclasses.asdict(r) for r in results])
   if find_max_batch:
-    for key, compile_at, start in (("train_step", planner.train_step, train_batch),
-                                   ("forward", planner.forward, test_batch)):
-      best, tried = planner.max_batch(compile_at, start)
+    for key, compile_at, start, known in (("train_step", planner.train_step, train_batch, results[0]),
+                                          ("forward", planner.forward, test_batch, results[1])):
+      best, tried = planner.max_batch(compile_at, start, known=known)
       report[f"max_batch_per_chip_{key}"] = best
       report.setdefault("search", []).extend(dataclasses.asdict(t) for t in tried)
   lines = [f"{report['config']} on {topology} ({chips} x {planner.device_kind}, {report['precision']}):"]
