@@ -94,8 +94,10 @@ def _split_host_cpu(num_devices: int) -> None:
 
 def _compile_only_tpu() -> None:
   """For compiling to a TPU topology from this host, before JAX starts: JAX's own backend stays the CPU, and libtpu
-  neither asks a TPU metadata server (it would wait on the network) nor looks for worker hosts. The user's
-  settings of these variables win."""
+  neither asks a TPU metadata server (it would wait on the network) nor looks for worker hosts, nor takes the
+  one-process lock that guards real TPUs (compiling touches none, so several compilations may run at once). The
+  user's settings of these variables win."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

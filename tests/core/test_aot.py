@@ -17,6 +17,10 @@ from meme_jax.models import depthwise
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 LIBTPU = importlib.util.find_spec("libtpu") is not None
+# This process loads libtpu for topology descriptions as `main` would; without a TPU, several may hold it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 needs_libtpu = pytest.mark.skipif(not LIBTPU, reason="compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
 
 LAUNCHER = "import sys; sys.path.insert(0, {tests!r}); import test_train; from meme_jax import main; main.run()"
