@@ -17,11 +17,13 @@ the stats by name in the metric's order: COCO's ten (AP first), CrowdPose's nine
 """
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from meme_jax import config as config_lib
 from meme_jax import tasks
 
 config_flags.DEFINE_config_file("config", None, "experiment config, configs/NAME.py[:ARG]", lock_config=False)
@@ -47,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 from pycocotools.coco import COCO
 
+from meme_jax import config as config_lib
 from meme_jax import keypoints as keypoints_lib
 from meme_jax import models
 from meme_jax.bottomup import grouping
@@ -200,4 +202,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, argv=config_lib.resolve_config_argument(sys.argv))
