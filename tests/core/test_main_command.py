@@ -210,7 +210,9 @@ def test_efficientdet_and_imagenet_backbones_through_main(tmp_path, cache_dir):
   workdir = tmp_path / "workdir"
   args = ["python", "-m", "meme_jax.main", "--config", "configs/eeffpose_p0.py:synthetic", "--workdir", str(workdir),
           f"--config.init.backbone={config.init.backbone}", f"--config.init.backbone_copies={config.init.backbone_copies}",
-          "--config.train.lr=0.0", "--config.train.num_epochs=1", "--config.train.steps_per_epoch=1"]
+          "--config.train.lr=0.0", "--config.train.num_epochs=1", "--config.train.steps_per_epoch=1",
+          # The step must run however slow the machine: no time budget to stop it before the first step.
+          "--config.train.time_budget_s=0"]
   proc = run_main(args, tmp_path, cache_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -247,7 +249,7 @@ def test_imagenet_hrnet_backbone_through_main(tmp_path, cache_dir):
   workdir = tmp_path / "workdir"
   args = ["python", "-m", "meme_jax.main", "--config", "configs/dem_w32_coco.py:synthetic", "--workdir", str(workdir),
           f"--config.init.backbone={config.init.backbone}", "--config.train.lr=0.0", "--config.train.num_epochs=1",
-          "--config.train.steps_per_epoch=1", "--config.train.eval_every_epochs=1"]
+          "--config.train.steps_per_epoch=1", "--config.train.eval_every_epochs=1", "--config.train.time_budget_s=0"]
   proc = run_main(args, tmp_path, cache_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   backbone = {k: v for k, v in sd.items() if not k.startswith(HRNET_HEAD_PREFIXES)}
