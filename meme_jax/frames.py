@@ -1,7 +1,7 @@
 """Prediction inputs and outputs: images, folders and videos as frames; pictures and videos written back."""
 import dataclasses
 import os
-from typing import Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import cv2
@@ -9,6 +9,7 @@ import numpy as np
 
 from data_pipelines import images as images_lib
 from meme_jax import visualize
+from meme_jax.metrics import coco
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -116,3 +117,13 @@ def video_fps(path: str) -> float:
   fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
   capture.release()
   return fps if fps and fps > 0 else 25.0
+
+
+def finish(output: str, results: List[Dict[str, Any]], renderer: Optional[Renderer], kind: str,
+           count: int) -> Dict[str, Any]:
+  """Closes the pictures and writes OUTPUT/keypoints.json: {'results', 'keypoints_file', 'rendered'}."""
+  if renderer is not None:
+    renderer.close()
+  path = coco.write_json(os.path.join(output, "keypoints.json"), results)
+  logging.info("%d poses in %d %s -> %s", len(results), count, "frames" if kind == "video" else "images", path)
+  return dict(results=results, keypoints_file=path, rendered=renderer.written if renderer else [])

@@ -5,7 +5,6 @@ No person boxes are needed: every person the grouping finds is drawn, with a box
 import os
 from typing import Any, Dict, List, Optional
 
-from absl import logging
 import numpy as np
 
 from meme_jax import frames as frames_lib
@@ -52,9 +51,4 @@ def predict_images(config, variables, apply_fn, input_path: str, output: str, *,
     if renderer is not None:
       renderer.write(frame, poses, boxes, np.asarray(prediction.scores))
     count += 1
-  if renderer is not None:
-    renderer.close()
-  keypoints_file = coco.write_json(os.path.join(output, "keypoints.json"), results)
-  logging.info("%d poses in %d %s -> %s", len(results), count, "frames" if kind == "video" else "images",
-               keypoints_file)
-  return dict(results=results, keypoints_file=keypoints_file, rendered=renderer.written if renderer else [])
+  return frames_lib.finish(output, results, renderer, kind, count)

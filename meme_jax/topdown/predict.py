@@ -141,9 +141,4 @@ def run(config, variables, apply_fn, input_path: str, output: str, *, detections
       flush()
       crops = 0
   flush()
-  if renderer is not None:
-    renderer.close()
-  keypoints_file = coco.write_json(os.path.join(output, "keypoints.json"), results)
-  logging.info("%d poses in %d %s -> %s", len(results), count, "frames" if kind == "video" else "images",
-               keypoints_file)
-  return dict(results=results, keypoints_file=keypoints_file, rendered=renderer.written if renderer else [])
+  return frames_lib.finish(output, results, renderer, kind, count)
