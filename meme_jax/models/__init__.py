@@ -28,3 +28,17 @@ def input_size(config) -> Tuple[int, int]:
   """The network input as (width, height), as the original yamls' IMAGE_SIZE."""
   width, height = config.data.image_size
   return int(width), int(height)
+
+
+# What each model returns, by name, in order (the names exported models give their outputs).
+OUTPUT_NAMES = {
+    "eeffpose": ("heatmaps",),
+    "dem": ("offsets_quarter", "offsets_half", "heatmaps_tags_quarter", "heatmaps_half"),
+}
+
+
+def output_names(config) -> Tuple[str, ...]:
+  name = config.model.name
+  if name not in OUTPUT_NAMES:
+    raise ValueError(f"config.model.name={name!r}: expected one of {tuple(OUTPUT_NAMES)}")
+  return OUTPUT_NAMES[name]
