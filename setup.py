@@ -33,6 +33,8 @@ setup(
         "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
         "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
         "crowdpose": ["xtcocotools>=1.14"],
+        # Export to ONNX and the onnxruntime predict backend (`meme_jax.export`, `predict --backend onnxruntime`).
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
         # NVIDIA GPUs / Cloud TPUs: the jax build with the CUDA 12 plugin, or libtpu; pin it with constraints.txt.
         "cuda12": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],

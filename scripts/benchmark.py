@@ -6,6 +6,8 @@
       --infer_batches 1 --infer_batches 256 --output p0.json
   # the training input pipeline (JPEG decode + augmentation + targets) per CPU core
   python scripts/benchmark.py data --config configs/eeffpose_p0.py --workers 1 --workers 2 --output data.json
+  # the ONNX export in onnxruntime (CPU) against the JAX forward, same weights, same machine, same run
+  python scripts/benchmark.py export --config configs/eeffpose_p0.py --infer_batches 1 --infer_batches 8
 
 Inputs are synthetic on-device tensors, so `model` measures the network and the train step alone; compare with
 `data` to see whether the input pipeline can feed it. Timings block on the results (`block_until_ready`) and are
@@ -31,14 +33,15 @@ from data_pipelines import benchmark as data_benchmark
 from meme_jax import config as config_lib
 from meme_jax import parallel, schedules, tasks, train
 
-MODES = ("model", "data")
+MODES = ("model", "data", "export")
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG] to measure", lock_config=False)
 flags.DEFINE_string("output", "", "also write the JSON here")
 flags.DEFINE_integer("train_batch", 16, "model: global train batch; 0 skips the train step", lower_bound=0)
 flags.DEFINE_string("precision", "", "model: float32 | bfloat16 (default: the config's)")
-flags.DEFINE_multi_integer("infer_batches", [1, 16], "model: inference batch sizes (repeat the flag)", lower_bound=1)
+flags.DEFINE_multi_integer("infer_batches", [1, 16], "model, export: inference batch sizes (repeat the flag)",
+                            lower_bound=1)
 flags.DEFINE_integer("steps", 10, "model: timed repetitions of each step", lower_bound=1)
 flags.DEFINE_string("compilation_cache", "", "model: persistent compilation cache directory")
 flags.DEFINE_multi_integer("workers", [1, 2], "data: worker counts to measure (repeat the flag)", lower_bound=0)
@@ -127,6 +130,34 @@ def benchmark_train_step(config, batch_size: int, steps: int):
               peak_memory_bytes=_peak_memory_bytes())
 
 
+def benchmark_export(config, batch_sizes, steps: int):
+  """onnxruntime on the ONNX export (dynamic batch, float32) against the JAX forward the predictor runs."""
+  # onnxruntime and the ONNX writer are the [export] extra's; the other modes do not need them.
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  from meme_jax.export import model as export_lib  # pylint: disable=import-outside-toplevel
+  model = tasks.get_task(config).build_model(config)
+  variables = jax.device_get(train.initial_variables(model, config, jax.random.PRNGKey(0)))
+  start = time.perf_counter()
+  data = export_lib.export_model(config, variables, "onnx", batch=None)
+  export_s = time.perf_counter() - start
+  options = onnxruntime.SessionOptions()
+  session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+  apply_fn = jax.jit(train.make_apply_fn(model))
+  results = []
+  for batch in batch_sizes:
+    images = np.random.default_rng(0).normal(size=(batch,) + train.input_shape(config)).astype(np.float32)
+    nchw = np.ascontiguousarray(np.transpose(images, (0, 3, 1, 2)))
+    on_device = jnp.asarray(images)
+    compiled = apply_fn.lower(variables, on_device).compile()
+    jax_s, _ = _median_time(lambda: jax.block_until_ready(compiled(variables, on_device)), steps)  # noqa: B023
+    ort_s, _ = _median_time(lambda: session.run(None, {"images": nchw}), steps)  # noqa: B023
+    results.append(dict(batch_size=batch, jax_latency_ms=1000 * jax_s, onnxruntime_latency_ms=1000 * ort_s,
+                        jax_images_per_s=batch / jax_s, onnxruntime_images_per_s=batch / ort_s,
+                        onnxruntime_speedup=jax_s / ort_s))
+  return dict(export_s=export_s, onnx_bytes=len(data), onnxruntime_version=onnxruntime.__version__,
+              runs=results)
+
+
 def parameter_count(config) -> int:
   model = tasks.get_task(config).build_model(config)
   dummy = jax.ShapeDtypeStruct((1,) + train.input_shape(config), jnp.float32)
@@ -143,6 +174,10 @@ def main(argv) -> None:
     result = dict(mode="data", config=config_file,
                   runs=[data_benchmark.measure_train_pipeline(config, num_workers=w, num_samples=FLAGS.samples)
                         for w in FLAGS.workers])
+  elif mode == "export":
+    result = dict(mode="export", config=config_file, overrides=config_flags.get_override_values(FLAGS["config"]),
+                  device=_device_info(), parameters=parameter_count(config))
+    result["export"] = benchmark_export(config, FLAGS.infer_batches, FLAGS.steps)
   else:
     if FLAGS.compilation_cache:
       jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)

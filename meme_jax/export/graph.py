@@ -288,6 +288,6 @@ def trace(fn: Callable, spec: jax.ShapeDtypeStruct) -> Graph:
   """The folded program of `fn(x)` for inputs like `spec` (whose leading axis may be symbolic)."""
   closed = jax.make_jaxpr(fn)(spec)
   tracer = _Tracer()
-  x = Tensor("images", tuple(spec.shape), np.dtype(spec.dtype))
+  x = Tensor("x", tuple(spec.shape), np.dtype(spec.dtype))
   outputs = tracer.run(closed.jaxpr, closed.consts, [x])
   return Graph(x, outputs, tracer.ops)

@@ -270,12 +270,15 @@ def to_onnx(graph: Graph, output_names: Sequence[str], *, input_name: str = "ima
             metadata: Optional[Mapping[str, str]] = None, doc: str = "") -> onnx.ModelProto:
   """The ONNX model of `graph`: input `input_name`, outputs `output_names`, `metadata` as metadata_props.
 
-  `precision` 'float16' or 'bfloat16' computes in that type (float32 weights and casts lowered to it); the input
+  `precision` 'float16' computes in that type (float32 weights and casts lowered to it); the input
   and outputs stay float32, cast at the model's boundary, so callers feed the same arrays whatever the precision.
   """
   if len(output_names) != len(graph.outputs):
     raise ValueError(f"{len(graph.outputs)} outputs, {len(output_names)} names")
   lowered = np.dtype(jax_dtype(precision))
+  if lowered.name == "bfloat16":
+    # ONNX's Conv takes bfloat16 only from opset 22, and CPU runtimes have no bfloat16 kernels.
+    raise ValueError("an ONNX export computes in float32 or float16; bfloat16 is for the StableHLO export")
   writer = _Writer(lowered)
   rename = {}
   if lowered != np.float32:
