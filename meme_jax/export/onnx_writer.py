@@ -157,6 +157,8 @@ class _Writer:
       (axis,) = p["axes"]
       index = self.node("ArgMax", [self.ref(x, full=True)], axis=int(axis), keepdims=0)
       self.node("Cast", [index], out, to=tensor_type(p["index_dtype"]))
+    elif name in ("reduce_window_max", "reduce_window_sum"):
+      self.pool(op, out)
     elif name == "dot_general":
       self.einsum(op, out)
     elif name == "conv_general_dilated":
@@ -205,6 +207,30 @@ class _Writer:
       starts = [-min(lo, 0) for lo, _, _ in config]
       ends = [hi if hi < 0 else 2 ** 62 for _, hi, _ in config]
       self.slice(padded, starts, ends, [1] * len(config), out)
+
+  def pool(self, op: Op, out: str) -> None:
+    """reduce_window max / sum as MaxPool / AveragePool over the windowed axes, the other two as (N, C)."""
+    p = op.params
+    (x,) = op.inputs
+    window, strides, padding = list(p["window_dimensions"]), list(p["window_strides"]), list(p["padding"])
+    if any(d != 1 for d in list(p["base_dilation"]) + list(p["window_dilation"])):
+      raise UnsupportedError(f"{op.primitive} with dilation")
+    pooled = [i for i in range(len(window)) if window[i] != 1 or strides[i] != 1 or tuple(padding[i]) != (0, 0)]
+    others = [i for i in range(len(window)) if i not in pooled]
+    if len(others) != 2 or not pooled:
+      raise UnsupportedError(f"{op.primitive} over axes {pooled} of a rank-{len(window)} tensor")
+    perm = others + pooled
+    source = self.node("Transpose", [self.ref(x, full=True)], perm=perm)
+    attrs = dict(kernel_shape=[window[i] for i in pooled], strides=[strides[i] for i in pooled],
+                 pads=[padding[i][0] for i in pooled] + [padding[i][1] for i in pooled])
+    if op.primitive == "reduce_window_max":
+      pooled_out = self.node("MaxPool", [source], **attrs)
+    else:
+      # A window sum is the average over the full window (padding counted) times its size.
+      average = self.node("AveragePool", [source], count_include_pad=1, **attrs)
+      size = np.asarray(float(np.prod([window[i] for i in pooled])), op.output.dtype)
+      pooled_out = self.node("Mul", [average, self.constant(size)])
+    self.node("Transpose", [pooled_out], out, perm=list(np.argsort(perm)))
 
   def einsum(self, op: Op, out: str) -> None:
     a, b = op.inputs

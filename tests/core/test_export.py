@@ -200,3 +200,24 @@ def test_export_cli_writes_and_verifies(tmp_path):
   bad = subprocess.run(cmd[:-1] + [str(output), "--batch", "zero"], capture_output=True, text=True, timeout=400,
                        cwd=str(tmp_path))
   assert bad.returncode != 0 and "--batch='zero'" in bad.stderr
+
+
+@pytest.mark.parametrize("model", [
+    dict(backbone="efficientnet", neck="bifpn", head="sum"),      # the original's ablation 000: max-pooling BiFPN
+    dict(backbone="eeffnet", neck="bifpn", head="attention"),     # 101
+    dict(fuse_dense=False),
+])
+def test_ablation_variants_export_and_equal_the_jax_model(model):
+  config = meme_jax.load_config(P0)
+  config.model.update(model)
+  config.data.image_size, config.data.heatmap_size = (128, 128), (32, 32)    # BiFPN halves down to 1/128
+  module = meme_jax.models.build_model(export_lib.export_config(config))
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)), train=False))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: (rng.uniform(0.5, 1.5, s.shape) if len(s.shape) == 1 else
+                                      rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+                                      ).astype(np.float32), shapes)
+  images = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
+  (got,) = _session(export_lib.export_model(config, variables, "onnx")).run(None, {"images": images})
+  (expected,) = jax.jit(export_lib.nchw_forward(config, variables))(images)
+  assert np.abs(got - np.asarray(expected)).max() < 1e-4 * max(1.0, np.abs(np.asarray(expected)).max())
