@@ -2,9 +2,16 @@
 
   python -m meme_jax.predict --config configs/eeffpose_p0.py --checkpoint CKPT --input IMAGE|FOLDER|VIDEO \\
       --output DIR [--detections DETS.json | --box x,y,w,h ...]
+  python -m meme_jax.predict --backend onnxruntime --model MODEL.onnx --config configs/eeffpose_p0.py ...
 
 CKPT is an orbax directory written by `meme_jax.convert` / `save_variables` (or a training checkpoint step
 directory), or an original PyTorch checkpoint (`.pth`, `.pth.xz`).
+
+`--backend onnxruntime` runs a top-down model exported by `meme_jax.export` on the CPU with onnxruntime, and
+imports no jax: the crops, the flip test's merge, the decode and the skeleton come from `--config`, which must be
+the config the model was exported from (its model, input size and joints are checked against the export's
+metadata). Bottom-up models run with the jax backend only: their inference resizes each image to a size of its
+own, which an export of one fixed input size cannot take.
 
 Top-down models (EEffPose) estimate one person per box, so they need person boxes (`meme_jax.topdown.predict`):
 `--detections` (a COCO detection-results JSON) or `--box x,y,w,h` (repeatable, the same boxes for every image or
@@ -25,9 +32,11 @@ from absl import logging
 from ml_collections import config_flags
 
 from meme_jax import config as config_lib
-from meme_jax import convert
-from meme_jax import models
 from meme_jax import tasks
+from meme_jax.topdown import poses
+from meme_jax.topdown import predict as topdown_predict
+
+BACKENDS = ("jax", "onnxruntime")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,6 +60,8 @@ def _find_variables(tree: Any) -> Optional[Dict[str, Any]]:
 
 def load_checkpoint(checkpoint: str, config) -> Dict[str, Any]:
   """Flax variables from an orbax directory (variables, a train state, or a run's step directory) or a .pth file."""
+  # jax is imported only by the jax backend: the onnxruntime backend runs without it.
+  from meme_jax import convert  # pylint: disable=import-outside-toplevel
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
   if os.path.isfile(checkpoint):
@@ -72,19 +83,45 @@ def load_checkpoint(checkpoint: str, config) -> Dict[str, Any]:
 
 
 def build_apply_fn(config):
+  # jax is imported only by the jax backend: the onnxruntime backend runs without it.
+  from meme_jax import models  # pylint: disable=import-outside-toplevel
   model = models.build_model(config)
 
   def apply_fn(variables, images):
     return model.apply(variables, images, train=False)
   return apply_fn
 
+
+def exported_predictor(config, model_path: str, threads: int = 0) -> poses.HostPredictor:
+  """A host predictor over the export `model_path` of `config`'s top-down model, checked against the config."""
+  family = tasks.model_family(config)
+  if family != "topdown":
+    raise app.UsageError(
+        f"--backend onnxruntime runs top-down models; config.model.name={config.model.name!r} is "
+        f"{'a bottom-up' if family == 'bottomup' else 'not a top-down'} model. Bottom-up inference resizes each "
+        f"image to a size of its own, which an export of one fixed input size cannot take: use --backend jax "
+        f"with --checkpoint.")
+  # onnxruntime is an optional dependency, needed by this backend only.
+  from meme_jax import exported  # pylint: disable=import-outside-toplevel
+  model = exported.ExportedModel(model_path, threads=threads)
+  if model.family != "topdown":
+    raise app.UsageError(f"{model_path} is a {model.family} export ({model.model_name}); --backend onnxruntime "
+                         f"runs top-down models")
+  model.check_config(config)
+  return poses.HostPredictor(config, model)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
 def define_flags():
   config_flags.DEFINE_config_file("config", None, "experiment config, configs/NAME.py[:ARG]", lock_config=False)
-  flags.DEFINE_string("checkpoint", None, "orbax directory (meme_jax.convert / save_variables / a training "
-                      "checkpoint step) or an original .pth / .pth.xz")
+  flags.DEFINE_enum("backend", "jax", BACKENDS, "jax: the Flax model from --checkpoint; onnxruntime: the exported "
+                    "top-down model --model on the CPU, without jax")
+  flags.DEFINE_string("checkpoint", None, "jax backend: orbax directory (meme_jax.convert / save_variables / a "
+                      "training checkpoint step) or an original .pth / .pth.xz")
+  flags.DEFINE_string("model", None, "onnxruntime backend: the .onnx file written by meme_jax.export")
+  flags.DEFINE_integer("threads", 0, "onnxruntime backend: intra-op threads (0: one per core)", lower_bound=0)
   flags.DEFINE_string("input", None, "an image, a folder of images, or a video")
   flags.DEFINE_string("output", None, "directory for keypoints.json and the pictures")
   flags.DEFINE_string("detections", None, "COCO detection-results JSON with the person boxes")
@@ -97,15 +134,27 @@ def define_flags():
 def main(argv):
   del argv
   fl = flags.FLAGS
-  for name in ("config", "checkpoint", "input", "output"):
+  for name in ("config", "input", "output"):
     if getattr(fl, name) is None:
       raise app.UsageError(f"--{name} is required")
   config = fl.config
-  task = tasks.get_task(config)
-  variables = load_checkpoint(fl.checkpoint, config)
-  out = task.predict(variables, build_apply_fn(config), fl.input, fl.output, detections=fl.detections,
-                     boxes=fl.box, min_box_score=fl.min_box_score, draw_threshold=fl.draw_threshold,
-                     max_frames=fl.max_frames, render=fl.render)
+  options = dict(detections=fl.detections, boxes=fl.box, min_box_score=fl.min_box_score,
+                 draw_threshold=fl.draw_threshold, max_frames=fl.max_frames, render=fl.render)
+  if fl.backend == "onnxruntime":
+    if fl.model is None:
+      raise app.UsageError("--model FILE.onnx is required with --backend onnxruntime")
+    if fl.checkpoint is not None:
+      raise app.UsageError("--checkpoint is for --backend jax; the onnxruntime backend runs the weights in --model")
+    predictor = exported_predictor(config, fl.model, fl.threads)
+    out = topdown_predict.run(config, predictor, fl.input, fl.output, **options)
+  else:
+    if fl.checkpoint is None:
+      raise app.UsageError("--checkpoint is required with --backend jax")
+    if fl.model is not None:
+      raise app.UsageError("--model is for --backend onnxruntime; the jax backend reads --checkpoint")
+    task = tasks.get_task(config)
+    variables = load_checkpoint(fl.checkpoint, config)
+    out = task.predict(variables, build_apply_fn(config), fl.input, fl.output, **options)
   print(f"{len(out['results'])} poses -> {out['keypoints_file']}")
   for path in out["rendered"][:10]:
     print(f"  {path}")

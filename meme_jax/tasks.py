@@ -2,16 +2,20 @@
 
 `get_task(config)` returns the task of `config.model.name`: `TopDownTask` for 'eeffpose', `BottomUpTask` for
 'dem'. Everything family-specific that the trainer, the evaluation of a run, the predict CLI and the scripts need
-goes through the task's methods, so none of them tests a family's name.
+goes through the task's methods, so none of them tests a family's name. `model_family(config)` names the family
+('topdown', 'bottomup') without building the task, for what runs without jax (the onnxruntime predict backend):
+this module imports a family's task, which imports jax and flax, only when the task is built.
 """
-from typing import Any, Callable, Dict, Optional, Protocol, Tuple
+from __future__ import annotations
 
-import flax.linen as nn
-import jax
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
+
 import ml_collections
 
-from meme_jax.bottomup.task import BottomUpTask
-from meme_jax.topdown.task import TopDownTask
+if TYPE_CHECKING:
+  # Annotations only, for the reason given in the module docstring.
+  import flax.linen as nn
+  import jax
 
 
 class Task(Protocol):
@@ -53,17 +57,41 @@ class Task(Protocol):
     """Poses for every image or video frame of `input_path`: keypoints JSON and pictures in `output`."""
 
 
-TASKS: Dict[str, Callable[[ml_collections.ConfigDict], Task]] = {"eeffpose": TopDownTask, "dem": BottomUpTask}
+def _topdown_task(config: ml_collections.ConfigDict) -> Task:
+  # Imported when the task is built, so that `model_family` runs without jax (see the module docstring).
+  from meme_jax.topdown.task import TopDownTask  # pylint: disable=import-outside-toplevel
+  return TopDownTask(config)
 
 
-def register_task(name: str, factory: Callable[[ml_collections.ConfigDict], Task]) -> None:
-  """Makes `config.model.name == name` run with `factory(config)`."""
+def _bottomup_task(config: ml_collections.ConfigDict) -> Task:
+  # Imported when the task is built, so that `model_family` runs without jax (see the module docstring).
+  from meme_jax.bottomup.task import BottomUpTask  # pylint: disable=import-outside-toplevel
+  return BottomUpTask(config)
+
+
+TASKS: Dict[str, Callable[[ml_collections.ConfigDict], Task]] = {"eeffpose": _topdown_task, "dem": _bottomup_task}
+FAMILIES: Dict[str, str] = {"eeffpose": "topdown", "dem": "bottomup"}
+
+
+def register_task(name: str, factory: Callable[[ml_collections.ConfigDict], Task], family: str = "") -> None:
+  """Makes `config.model.name == name` run with `factory(config)`; `family` ('topdown', 'bottomup') is what
+  `model_family` answers for it."""
   TASKS[name] = factory
+  FAMILIES[name] = family
 
 
-def get_task(config: ml_collections.ConfigDict) -> Task:
+def _registered_name(config: ml_collections.ConfigDict) -> str:
   name = config.model.name
   if name not in TASKS:
     raise ValueError(f"no task for config.model.name={name!r} (registered: {sorted(TASKS)}); a model family "
                      f"registers one with meme_jax.tasks.register_task")
-  return TASKS[name](config)
+  return name
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+  return TASKS[_registered_name(config)](config)
+
+
+def model_family(config: ml_collections.ConfigDict) -> str:
+  """The family of `config`'s model ('topdown', 'bottomup'; '' when its task declared none), without jax."""
+  return FAMILIES.get(_registered_name(config), "")

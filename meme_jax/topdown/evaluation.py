@@ -22,11 +22,11 @@ from meme_jax.codecs import affine
 from meme_jax.metrics import protocols
 from meme_jax.topdown.inference import ApplyFn
 from meme_jax.topdown.inference import TopDownPredictor
-from meme_jax.topdown.inference import eval_option
 from meme_jax.topdown.inference import cached_predictor
-from meme_jax.topdown.inference import codec_from_config
 from meme_jax.topdown.inference import predict_records
-from meme_jax.topdown.inference import select_poses
+from meme_jax.topdown.poses import codec_from_config
+from meme_jax.topdown.poses import eval_option
+from meme_jax.topdown.poses import select_poses
 
 
 @dataclasses.dataclass

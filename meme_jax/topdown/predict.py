@@ -6,7 +6,8 @@ Top-down models estimate one person per box, so they need person boxes (`BoxSour
   000000000785.jpg) has that number as id; a video frame has its 0-based frame index;
 - fixed boxes `x,y,w,h`, the same for every image or frame;
 - without either, each image is one person filling the whole image, and a warning says so.
-Poses are rescored and OKS-NMS'ed per image as in the evaluation (`config.test.*`).
+Poses are rescored and OKS-NMS'ed per image as in the evaluation (`config.test.*`). Nothing here imports jax: the
+network runs in the predictor given (the jitted jax model, or an exported one on onnxruntime).
 """
 import json
 import os
@@ -18,9 +19,10 @@ import numpy as np
 from meme_jax import frames as frames_lib
 from meme_jax import visualize
 from meme_jax.metrics import coco
-from meme_jax.topdown.inference import PosePredictor
-from meme_jax.topdown.inference import select_poses
 from meme_jax.frames import Frame
+from meme_jax.topdown.poses import CropPredictor
+from meme_jax.topdown.poses import PosePredictor
+from meme_jax.topdown.poses import select_poses
 
 
 class BoxSource:
@@ -87,17 +89,20 @@ class BoxSource:
     return np.asarray([b for b, _ in found], np.float64), np.asarray([s for _, s in found], np.float64)
 
 
-def run(config, variables, apply_fn, input_path: str, output: str, *, detections: Optional[str] = None,
+def run(config, predictor: CropPredictor, input_path: str, output: str, *, detections: Optional[str] = None,
         boxes: Sequence[str] = (), min_box_score: float = 0.0, draw_threshold: Optional[float] = None,
         max_frames: int = 0, render: bool = True) -> Dict[str, Any]:
   """Predicts poses for every image/frame of `input_path`; writes keypoints.json and pictures into `output`.
+
+  `predictor` runs the network and the decoding: a jitted `meme_jax.topdown.inference.TopDownPredictor`, or a
+  `meme_jax.topdown.poses.HostPredictor` over an exported model.
 
   Returns {'results': the JSON list, 'keypoints_file': path, 'rendered': [written picture paths]}.
   """
   os.makedirs(output, exist_ok=True)
   kind, files = frames_lib.list_inputs(input_path)
   source = BoxSource(detections, boxes, min_box_score)
-  predictor = PosePredictor(config, apply_fn, variables)
+  predictor = PosePredictor(predictor)
   threshold = float(config.test.get("in_vis_thre", 0.2)) if draw_threshold is None else float(draw_threshold)
   renderer = frames_lib.Renderer(output, kind, files[0] if kind == "video" else input_path,
                       visualize.skeleton_for(config.data.get("dataset", "coco")), threshold,

@@ -92,4 +92,5 @@ class TopDownTask:
                           f"{int(result.timing['images'])} images ({config.data.val_annotations})")
 
   def predict(self, variables, apply_fn, input_path, output, **options):
-    return predict_lib.run(self.config, variables, apply_fn, input_path, output, **options)
+    predictor = inference.TopDownPredictor(self.config, apply_fn, variables)
+    return predict_lib.run(self.config, predictor, input_path, output, **options)

@@ -19,6 +19,7 @@ import meme_jax
 from conftest import REPO_ROOT, SAMPLES, shared_path
 from meme_jax.topdown import evaluation as evaluate
 from meme_jax.topdown import inference
+from meme_jax.topdown import poses
 from meme_jax.codecs import affine
 from meme_jax.metrics import coco, mpii
 
@@ -223,10 +224,10 @@ def test_unpredicted_records_are_an_error_unless_skipping(config, records):
   batches = list(evaluate.ground_truth_batches(cfg, records, 5))
   batches[0]["valid"] = np.array([True, False, True, True, True])      # record 1 never predicted
   with pytest.raises(RuntimeError, match="1 of 12 records"):
-    inference.run_predictor(predictor, batches, records)
+    poses.run_predictor(predictor, batches, records)
   cfg.data.skip_bad_records = True
   predictor = evaluate.codec_predictor(cfg)
-  keypoints = inference.run_predictor(predictor, batches, records)
+  keypoints = poses.run_predictor(predictor, batches, records)
   assert np.isnan(keypoints[1]).all() and np.isfinite(np.delete(keypoints, 1, axis=0)).all()
   stats = evaluate.evaluate_keypoints(cfg, records, keypoints)["stats"]
   assert 0.8 < stats["AR"] < 1.0      # one of the twelve people is missed

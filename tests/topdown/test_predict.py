@@ -14,6 +14,7 @@ import pytest
 import meme_jax
 from conftest import REPO_ROOT, SAMPLES, shared_path
 from meme_jax import convert, frames, predict, visualize
+from meme_jax.topdown import inference
 from meme_jax.topdown import predict as topdown_predict
 
 
@@ -40,6 +41,12 @@ def model(config):
   module = StandIn(17)
   variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 128, 96, 3), np.float32))
   return (lambda v, x: module.apply(v, x)), variables
+
+
+@pytest.fixture(scope="module")
+def predictor(config, model):
+  apply_fn, variables = model
+  return inference.TopDownPredictor(config, apply_fn, variables)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +78,8 @@ def test_box_source_matches_ids_names_and_fixed_boxes(tmp_path, detections):
   assert frames.image_id_for("000000000785.jpg", 7) == 785 and frames.image_id_for("cat.png", 7) == 7
 
 
-def test_folder_with_detections_gives_coco_results_and_pictures(config, model, detections, tmp_path):
-  apply_fn, variables = model
-  out = topdown_predict.run(config, variables, apply_fn, os.path.join(SAMPLES, "coco"), str(tmp_path / "out"),
+def test_folder_with_detections_gives_coco_results_and_pictures(config, predictor, detections, tmp_path):
+  out = topdown_predict.run(config, predictor, os.path.join(SAMPLES, "coco"), str(tmp_path / "out"),
                     detections=detections, min_box_score=0.9)
   with open(out["keypoints_file"], encoding="utf-8") as f:
     results = json.load(f)
@@ -96,18 +102,16 @@ def test_folder_with_detections_gives_coco_results_and_pictures(config, model, d
     assert np.abs(drawn.astype(int) - original.astype(int)).mean() > 0.5
 
 
-def test_without_boxes_the_whole_image_is_one_person(config, model, tmp_path, caplog):
-  apply_fn, variables = model
+def test_without_boxes_the_whole_image_is_one_person(config, predictor, tmp_path, caplog):
   image = os.path.join(SAMPLES, "coco", "000000040083.jpg")
   with caplog.at_level("WARNING"):
-    out = topdown_predict.run(config, variables, apply_fn, image, str(tmp_path / "out"), render=False)
+    out = topdown_predict.run(config, predictor, image, str(tmp_path / "out"), render=False)
   assert "No person boxes given" in caplog.text
   assert len(out["results"]) == 1 and out["results"][0]["bbox"] == [0.0, 0.0, 500.0, 333.0]
   assert out["results"][0]["image_id"] == 40083
 
 
-def test_video_in_video_out(config, model, tmp_path):
-  apply_fn, variables = model
+def test_video_in_video_out(config, predictor, tmp_path):
   frame = cv2.imread(os.path.join(SAMPLES, "coco", "000000197388.jpg"))
   video = str(tmp_path / "clip.mp4")
   writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (frame.shape[1], frame.shape[0]))
@@ -116,7 +120,7 @@ def test_video_in_video_out(config, model, tmp_path):
   for i in range(3):
     writer.write(np.roll(frame, 10 * i, axis=1))
   writer.release()
-  out = topdown_predict.run(config, variables, apply_fn, video, str(tmp_path / "out"),
+  out = topdown_predict.run(config, predictor, video, str(tmp_path / "out"),
                     boxes=["139.41,102.25,222.39,241.57", "372.58,170.84,266.63,217.19"])
   assert [r["frame"] for r in out["results"]] == [0, 0, 1, 1, 2, 2]
   assert [r["image_id"] for r in out["results"]] == [0, 0, 1, 1, 2, 2]
