@@ -197,9 +197,9 @@ class _Writer:
       raise UnsupportedError("pad with interior padding")
     low = [max(lo, 0) for lo, _, _ in config]
     high = [max(hi, 0) for _, hi, _ in config]
-    fill = np.asarray(np.asarray(value.value if isinstance(value, Const) else 0), op.output.dtype).reshape(())
     if not isinstance(value, Const):
       raise UnsupportedError("pad with an input-dependent padding value")
+    fill = np.asarray(value.value, op.output.dtype).reshape(())
     crop = any(lo < 0 or hi < 0 for lo, hi, _ in config)
     padded = self.node("Pad", [self.ref(x, full=True), self.constant(np.asarray(low + high, np.int64), "pads"),
                                self.constant(fill, "fill")], None if crop else out)

@@ -1,8 +1,8 @@
 """A folded inference program (`meme_jax.export.graph.Graph`) serialised as StableHLO with `jax.export`.
 
 The program is evaluated with JAX again, op by op, so the serialised module is the folded one (no BatchNorm, the
-constants computed once). `jax.export.deserialize(data).call(x)` runs it in any JAX of a compatible version;
-the serialised module also loads in any StableHLO consumer (IREE, XLA's PJRT plugins).
+constants computed once). `jax.export.deserialize(data).call(x)` runs it in any JAX of a compatible version, on
+CPU, GPU or TPU; `.mlir_module()` of the deserialised object is the StableHLO text, for other StableHLO consumers.
 """
 from typing import Any, Dict, Sequence
 
