@@ -26,7 +26,7 @@ from meme_jax.keypoints import flip_permutation
 POST_PROCESS_CHOICES = ("quarter", "dark", "udp", "none")
 
 
-def _xp(x):
+def array_module(x):
   """numpy for numpy input, jax.numpy otherwise (JAX arrays and tracers)."""
   if isinstance(x, (np.ndarray, np.generic)):
     return np
@@ -62,7 +62,7 @@ def shift_heatmap(heatmaps):
   Reversing the map mirrors heatmap pixels about (W-1)/2 while the input was mirrored about (W_in-1)/2; in heatmap
   units the two differ by 1 - 1/stride (0.75 at stride 4), which the one-pixel shift approximates.
   """
-  xp = _xp(heatmaps)
+  xp = array_module(heatmaps)
   return xp.concatenate([heatmaps[..., :1, :], heatmaps[..., :-1, :]], axis=-2)
 
 
@@ -78,7 +78,7 @@ def merge_flip(heatmaps, flipped_heatmaps, flip_pairs, shift: bool = True):
 # Argmax and refinements. Internally maps are (N, J, H, W) so gathers index the last two axes.
 
 def _to_njhw(heatmaps):
-  xp = _xp(heatmaps)
+  xp = array_module(heatmaps)
   lead = heatmaps.shape[:-3]
   height, width, joints = heatmaps.shape[-3:]
   flat = heatmaps.reshape((-1, height, width, joints))
@@ -87,7 +87,7 @@ def _to_njhw(heatmaps):
 
 def _neighbours(maps, x, y, offsets):
   """maps[n, j, y + oy, x + ox] for each (ox, oy) in `offsets`, indices clipped; one gather for all of them."""
-  xp = _xp(maps)
+  xp = array_module(maps)
   height, width = maps.shape[-2:]
   ox = np.asarray([o[0] for o in offsets], np.int32)
   oy = np.asarray([o[1] for o in offsets], np.int32)
@@ -103,7 +103,7 @@ def argmax_coords(heatmaps):
 
   As the original, coordinates are zeroed where the maximum is not positive.
   """
-  xp = _xp(heatmaps)
+  xp = array_module(heatmaps)
   maps, lead = _to_njhw(heatmaps)
   n, j, height, width = maps.shape
   flat = maps.reshape((n, j, height * width))
@@ -116,7 +116,7 @@ def argmax_coords(heatmaps):
 
 def refine_quarter(heatmaps, coords):
   """The original quarter-pixel step towards the higher neighbour, with the strict `1 < p < size-1` bound."""
-  xp = _xp(heatmaps)
+  xp = array_module(heatmaps)
   maps, lead = _to_njhw(heatmaps)
   n, j, height, width = maps.shape
   c = coords.reshape((n, j, 2))
@@ -138,7 +138,7 @@ def _gaussian_kernel(size: int) -> np.ndarray:
 
 def gaussian_blur(maps, kernel_size: int, border: str = "zero"):
   """Separable Gaussian blur of (N, J, H, W) maps over H and W; `border` 'zero' or 'reflect' (OpenCV REFLECT_101)."""
-  xp = _xp(maps)
+  xp = array_module(maps)
   kernel = _gaussian_kernel(kernel_size)
   radius = kernel_size // 2
   mode = "constant" if border == "zero" else "reflect"
@@ -169,7 +169,7 @@ def gaussian_blur(maps, kernel_size: int, border: str = "zero"):
 
 def refine_dark(heatmaps, coords, kernel_size: int):
   """DARK: Taylor step on log(blurred map rescaled to its own maximum), where `1 < p < size-2` and det(H) != 0."""
-  xp = _xp(heatmaps)
+  xp = array_module(heatmaps)
   maps, lead = _to_njhw(heatmaps)
   n, j, height, width = maps.shape
   maps = maps.astype(xp.float32)
@@ -207,7 +207,7 @@ def refine_dark(heatmaps, coords, kernel_size: int):
 
 def refine_udp(heatmaps, coords, kernel_size: int):
   """UDP decoding step: reflect-border blur, clip [0.001, 50], log, edge pad, Newton step with unit differences."""
-  xp = _xp(heatmaps)
+  xp = array_module(heatmaps)
   maps, lead = _to_njhw(heatmaps)
   n, j, height, width = maps.shape
   logmap = xp.log(xp.clip(gaussian_blur(maps.astype(xp.float32), kernel_size, border="reflect"), 0.001, 50.0))

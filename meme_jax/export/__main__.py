@@ -18,6 +18,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from meme_jax import config as config_lib
+from meme_jax import models
 from meme_jax.export import model as export_lib
 from meme_jax.export import stablehlo
 from meme_jax.predict import load_checkpoint
@@ -34,6 +35,7 @@ def define_flags():
   flags.DEFINE_enum("precision", "float32", ("float32", "float16", "bfloat16"),
                     "compute precision (inputs and outputs stay float32)")
   flags.DEFINE_bool("verify", True, "run the export beside the JAX model once and print the difference")
+  flags.mark_flags_as_required(["config", "checkpoint", "output"])
 
 
 def parse_batch(text: str):
@@ -67,7 +69,7 @@ def verify(config, variables, data: bytes, fmt: str, batch, precision: str) -> f
   images = np.random.default_rng(0).standard_normal((batch or 2, 3, height, width)).astype(np.float32)
   expected = jax.jit(export_lib.nchw_forward(config, variables))(images)
   got, names = run_export(data, fmt, images)
-  order = list(export_lib.models.output_names(config))
+  order = list(models.output_names(config))
   worst = 0.0
   for name, value in zip(names, got):
     reference = np.asarray(expected[order.index(name)])
@@ -84,9 +86,6 @@ def verify(config, variables, data: bytes, fmt: str, batch, precision: str) -> f
 def main(argv):
   del argv
   fl = flags.FLAGS
-  for name in ("config", "checkpoint", "output"):
-    if getattr(fl, name) is None:
-      raise app.UsageError(f"--{name} is required")
   batch = parse_batch(fl.batch)
   config = fl.config
   variables = load_checkpoint(fl.checkpoint, config)

@@ -24,7 +24,8 @@ import numpy as np
 
 Shape = Tuple[Any, ...]          # ints, or symbolic dimensions (the batch of a dynamic-batch export)
 
-# Elementwise primitives, with the numpy function used to fold them when every operand is a constant.
+# Elementwise primitives, with the numpy function used to fold them when every operand is a constant (None: the
+# primitive's own `bind` folds them).
 ELEMENTWISE = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "max": np.maximum,
     "min": np.minimum, "pow": np.power, "neg": np.negative, "abs": np.abs, "exp": np.exp, "log": np.log,
@@ -47,6 +48,11 @@ def jax_dtype(precision: str) -> np.dtype:
   if precision not in PRECISIONS:
     raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
   return np.dtype(jnp.dtype(precision))
+
+
+def lowered_dtype(dtype, precision: np.dtype) -> np.dtype:
+  """A value's dtype in an export of `precision`: float32 is lowered to it, every other dtype kept."""
+  return np.dtype(precision) if np.dtype(dtype) == np.float32 else np.dtype(dtype)
 
 
 class UnsupportedError(ValueError):

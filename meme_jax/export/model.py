@@ -13,7 +13,7 @@ The model's metadata says what a caller needs: `meme_jax.model`, `.family`, `.in
 `.std` (on images scaled to [0, 1]), `.input_size` (W,H), `.batch`, `.precision`, `.outputs`, `.config` (JSON).
 """
 import copy
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 from jax import export as jax_export
@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import meme_jax
 from data_pipelines.images import IMAGENET_MEAN, IMAGENET_STD
 from meme_jax import models
+from meme_jax import tasks
 from meme_jax.export import graph as graph_lib
 from meme_jax.export import stablehlo
 
 FORMATS = ("onnx", "stablehlo")
-FAMILIES = {"eeffpose": "topdown", "dem": "bottomup"}
 
 
 def export_config(config):
@@ -73,7 +73,7 @@ def metadata(config, batch: Optional[int], precision: str) -> Dict[str, str]:
   return {
       "meme_jax.version": meme_jax.__version__,
       "meme_jax.model": name,
-      "meme_jax.family": FAMILIES.get(name, ""),
+      "meme_jax.family": tasks.model_family(config),
       "meme_jax.input_layout": "NCHW",
       "meme_jax.output_layout": "NCHW",
       "meme_jax.color": "RGB",
@@ -102,11 +102,6 @@ def export_model(config, variables: Any, fmt: str, *, batch: Optional[int] = Non
   # onnx is the [export] extra's: a StableHLO export does not need it.
   from meme_jax.export import onnx_writer  # pylint: disable=import-outside-toplevel
   model = onnx_writer.to_onnx(graph, names, precision=precision, metadata=metadata(config, batch, precision),
-                              doc=f"meme_jax {config.model.name}: {FAMILIES.get(config.model.name, '')} pose model")
+                              doc=f"meme_jax {config.model.name}: {tasks.model_family(config)} pose model")
   return model.SerializeToString()
 
-
-def folding_summary(graph: graph_lib.Graph) -> Tuple[int, int]:
-  """(convolutions, other ops) of a folded program."""
-  convs = graph.count("conv_general_dilated")
-  return convs, len(graph.ops) - convs

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from meme_jax.export.graph import Const, Graph, Op, Tensor, UnsupportedError, is_static, jax_dtype
+from meme_jax.export.graph import lowered_dtype
 
 OPSET = 18
 BATCH_DIM = "N"
@@ -44,10 +45,6 @@ def _array_proto(name: str, value: np.ndarray) -> onnx.TensorProto:
   return onnx.numpy_helper.from_array(value, name)
 
 
-def _lowered(dtype: np.dtype, precision: np.dtype) -> np.dtype:
-  return precision if np.dtype(dtype) == np.float32 else np.dtype(dtype)
-
-
 class _Writer:
 
   def __init__(self, precision: np.dtype):
@@ -64,7 +61,7 @@ class _Writer:
   def constant(self, value: np.ndarray, hint: str = "c") -> str:
     name = self.fresh(hint)
     value = np.asarray(value)
-    self.initializers.append(_array_proto(name, value.astype(_lowered(value.dtype, self.precision))))
+    self.initializers.append(_array_proto(name, value.astype(lowered_dtype(value.dtype, self.precision))))
     return name
 
   def ref(self, value, full: bool = False) -> str:
@@ -119,7 +116,7 @@ class _Writer:
       else:
         self.node("Pow", [self.ref(x), self.constant(np.asarray(p["y"], op.output.dtype))], out)
     elif name == "convert_element_type":
-      self.node("Cast", [self.ref(x)], out, to=tensor_type(_lowered(p["new_dtype"], self.precision)))
+      self.node("Cast", [self.ref(x)], out, to=tensor_type(lowered_dtype(p["new_dtype"], self.precision)))
     elif name == "select_n":
       if len(op.inputs) != 3:
         raise UnsupportedError("select_n with more than two cases")

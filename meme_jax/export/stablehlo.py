@@ -11,30 +11,23 @@ from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
 
-from meme_jax.export.graph import ELEMENTWISE, Graph, Op, Tensor, jax_dtype
+from meme_jax.export.graph import ELEMENTWISE, Graph, Op, Tensor, jax_dtype, lowered_dtype
 
 # The export's own platforms: the built module runs on any of them.
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def _lowered(dtype, precision):
-  return precision if np.dtype(dtype) == np.float32 else np.dtype(dtype)
-
-
-def _value(env: Dict[str, Any], value) -> Any:
+def _value(env: Dict[str, Any], value, precision: np.dtype, shape=None) -> Any:
+  """A tensor's value, or a constant in the export precision (broadcast to `shape` when given)."""
   if isinstance(value, Tensor):
     return env[value.name]
-  return jnp.asarray(value.value, _lowered(value.dtype, env["precision"]))
+  x = jnp.asarray(value.value, lowered_dtype(value.dtype, precision))
+  return x if shape is None else jnp.broadcast_to(x, shape)
 
 
-def _full(env, value, shape) -> Any:
-  x = _value(env, value)
-  return x if isinstance(value, Tensor) else jnp.broadcast_to(x, shape)
-
-
-def _conv(op: Op, x, precision):
+def _conv(op: Op, x, precision: np.dtype):
   p = op.params
-  dtype = _lowered(p["dtype"], precision)
+  dtype = lowered_dtype(p["dtype"], precision)
   spec = p["lhs_spec"]
   # The folded OIHW kernel back in the layout the program's convolution was written with.
   kernel = jnp.asarray(p["kernel"].astype(dtype))
@@ -56,27 +49,23 @@ def evaluate(graph: Graph, x, precision: str = "float32") -> Sequence[Any]:
   back to float32, as the ONNX writer does.
   """
   lowered = jax_dtype(precision)
-  env: Dict[str, Any] = {"precision": lowered, graph.input.name: x.astype(_lowered(x.dtype, lowered))}
+  env: Dict[str, Any] = {graph.input.name: x.astype(lowered_dtype(x.dtype, lowered))}
   for op in graph.ops:
     name = op.primitive
     if name == "conv_general_dilated":
-      env[op.output.name] = _conv(op, _value(env, op.inputs[0]), lowered)
+      env[op.output.name] = _conv(op, _value(env, op.inputs[0], lowered), lowered)
       continue
     params = {k: v for k, v in op.params.items() if k != "outputs"}
     if name == "convert_element_type":
-      params["new_dtype"] = _lowered(params["new_dtype"], lowered)
-    if name in ELEMENTWISE:
-      # Elementwise operands may be constants kept broadcastable; the primitive wants the full shape.
-      args = [_full(env, v, op.output.shape) for v in op.inputs]
-    else:
-      args = [_full(env, v, v.shape) for v in op.inputs]
+      params["new_dtype"] = lowered_dtype(params["new_dtype"], lowered)
+    # Constants are kept broadcastable; a primitive wants them at full shape (an elementwise one at its output's).
+    args = [_value(env, v, lowered, op.output.shape if name in ELEMENTWISE else v.shape) for v in op.inputs]
     primitive = op.jax_primitive
     out = primitive.bind(*args, **params)
     outputs = op.params.get("outputs", [op.output])
     for t, o in zip(outputs, out if primitive.multiple_results else [out]):
       env[t.name] = o
-  outputs = [env[v.name] if isinstance(v, Tensor) else jnp.broadcast_to(_value(env, v), v.shape)
-             for v in graph.outputs]
+  outputs = [_value(env, v, lowered, v.shape) for v in graph.outputs]
   return [o.astype(jnp.float32) if np.dtype(v.dtype) == np.float32 else o for o, v in zip(outputs, graph.outputs)]
 
 

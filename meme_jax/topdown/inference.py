@@ -18,13 +18,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, S
 
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import topdown as topdown_data
 from meme_jax import parallel
 from meme_jax.topdown.poses import CropPredictor
-from meme_jax.topdown.poses import as_heatmaps
 from meme_jax.topdown.poses import eval_option
 from meme_jax.topdown.poses import run_predictor
 
@@ -53,18 +51,9 @@ class TopDownPredictor(CropPredictor):
     self.num_devices = self.mesh.devices.size
     self._batch_sharding = parallel.batch_sharding(self.mesh)
     if heatmap_fn is None:
-      flip_test = self.flip_test
 
       def heatmap_fn(variables, batch):  # pylint: disable=function-redefined
-        images = batch[self.input_keys[0]]
-        if not flip_test:
-          return as_heatmaps(apply_fn(variables, images)), None
-        # One network call on (B, 2) interleaved plain/mirrored crops: half the program to compile, and each
-        # device keeps its own rows (no resharding of the batch axis).
-        both = jnp.stack([images, images[:, :, ::-1, :]], axis=1).reshape((-1,) + images.shape[1:])
-        out = as_heatmaps(apply_fn(variables, both))
-        out = out.reshape((images.shape[0], 2) + out.shape[1:])
-        return out[:, 0], out[:, 1]
+        return self.network_heatmaps(lambda images: apply_fn(variables, images), batch[self.input_keys[0]])
     self._heatmap_fn = heatmap_fn
     self.variables = None
     if variables is not None:

@@ -81,6 +81,20 @@ class CropPredictor(abc.ABC):
       heatmaps = decoding.merge_flip(heatmaps, flipped.astype(np.float32), self.flip_pairs, self.shift)
     return self.codec.decode(heatmaps, self.post_process, self.kernel_size)
 
+  def network_heatmaps(self, network: Callable[[Any], Any], images):
+    """(heatmaps, the mirrored crops' heatmaps or None) of `network(images)`, numpy or jax arrays alike.
+
+    With the flip test it is one network call on (B, 2) interleaved plain/mirrored crops: half the program to
+    compile, and each device keeps its own rows (no resharding of the batch axis).
+    """
+    if not self.flip_test:
+      return as_heatmaps(network(images)), None
+    xp = decoding.array_module(images)
+    both = xp.stack([images, images[:, :, ::-1, :]], axis=1).reshape((-1,) + images.shape[1:])
+    out = as_heatmaps(network(both))
+    out = out.reshape((images.shape[0], 2) + out.shape[1:])
+    return out[:, 0], out[:, 1]
+
   @abc.abstractmethod
   def dispatch(self, batch: Mapping[str, np.ndarray]):
     """Starts the work for one batch; returns (coords, maxvals), where the predictor computes them."""
@@ -119,13 +133,7 @@ class HostPredictor(CropPredictor):
     self.model = model
 
   def dispatch(self, batch: Mapping[str, np.ndarray]):
-    images = np.asarray(batch["image"], dtype=np.float32)
-    if not self.flip_test:
-      return self.decode(as_heatmaps(self.model(images)))
-    both = np.stack([images, images[:, :, ::-1, :]], axis=1).reshape((-1,) + images.shape[1:])
-    out = as_heatmaps(self.model(both))
-    out = out.reshape((images.shape[0], 2) + out.shape[1:])
-    return self.decode(out[:, 0], out[:, 1])
+    return self.decode(*self.network_heatmaps(self.model, np.asarray(batch["image"], dtype=np.float32)))
 
   def fetch(self, out):
     return out

@@ -12,20 +12,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 
 import meme_jax
 from meme_jax import convert
 from meme_jax.export import graph as graph_lib
 from meme_jax.export import model as export_lib
+from meme_jax.export import onnx_writer
 from meme_jax.export import stablehlo
 from meme_jax.models.layers import BatchNorm
 from conftest import REPO_ROOT, shared_path
-
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
-
-from meme_jax.export import onnx_writer  # noqa: E402  (needs onnx, skipped above without it)
 
 pytestmark = pytest.mark.xdist_group("export")
 

@@ -9,16 +9,14 @@ import textwrap
 import cv2
 import jax
 import numpy as np
+import onnx
+from onnx import TensorProto, helper
 import pytest
 
-onnxruntime = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # pylint: disable=wrong-import-position
-
-import meme_jax  # pylint: disable=wrong-import-position
-from conftest import REPO_ROOT, SAMPLES, shared_path  # pylint: disable=wrong-import-position
-from data_pipelines import images as images_lib  # pylint: disable=wrong-import-position
-from meme_jax import convert, export, exported, models, predict, tasks  # pylint: disable=wrong-import-position
+import meme_jax
+from conftest import REPO_ROOT, SAMPLES, shared_path
+from data_pipelines import images as images_lib
+from meme_jax import convert, export, exported, models, predict, tasks
 
 pytestmark = pytest.mark.xdist_group("eeffpose")
 
