@@ -14,6 +14,9 @@ Inputs are synthetic on-device tensors, so `model` measures the network and the 
 medians over `--steps` repetitions after a warm-up; compile times are measured separately (ahead-of-time
 `lower().compile()`), so they never pollute the step times. `--compilation_cache DIR` enables JAX's persistent
 compilation cache to measure warm compiles. Any config field can be set with `--config.SECTION.FIELD=VALUE`.
+Each compiled program also reports XLA's `memory_analysis()` (`temp_bytes`, the activations and scratch a train
+step holds, and `temp_bytes_per_image`) and `cost_analysis()` (`flops`, `bytes_accessed`); `init_s` is the random
+initialisation of the model's variables.
 """
 import json
 import os
@@ -61,6 +64,22 @@ def _peak_memory_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def _compiled_costs(compiled, batch_size: int):
+  """XLA's own figures for a compiled program: temporaries (the activations a train step keeps), arguments,
+  outputs, and FLOPs and bytes accessed, per call and, for the temporaries, per image."""
+  result = {}
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    result.update(temp_bytes=int(memory.temp_size_in_bytes), argument_bytes=int(memory.argument_size_in_bytes),
+                  output_bytes=int(memory.output_size_in_bytes),
+                  temp_bytes_per_image=int(memory.temp_size_in_bytes) // max(batch_size, 1))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if cost:
+    result.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+  return result
+
+
 def _median_time(fn, steps: int, warmup: int = 2):
   for _ in range(warmup):
     fn()
@@ -88,7 +107,7 @@ def benchmark_inference(config, batch_sizes, steps: int):
     run = lambda: jax.block_until_ready(compiled(variables, images))  # noqa: E731
     median, times = _median_time(run, steps)
     results.append(dict(batch_size=batch, compile_s=compile_s, median_s=median, images_per_s=batch / median,
-                        latency_ms=1000 * median, times_s=times))
+                        latency_ms=1000 * median, times_s=times, **_compiled_costs(compiled, batch)))
   return results
 
 
@@ -99,7 +118,9 @@ def benchmark_train_step(config, batch_size: int, steps: int):
   model = task.build_model(config)
   mesh = parallel.make_mesh()
   tx = schedules.make_optimizer(config.train)
+  start = time.perf_counter()
   variables = train.initial_variables(model, config, jax.random.PRNGKey(0))
+  init_s = time.perf_counter() - start
   state = train.create_state(variables, tx, jax.random.PRNGKey(1), mesh)
   accum = int(config.train.get("grad_accum_steps", 1))
   step_fn = train.jit_train_step(train.make_train_step(model, task, tx, accum_steps=accum, mesh=mesh), state, mesh)
@@ -125,9 +146,9 @@ def benchmark_train_step(config, batch_size: int, steps: int):
     jax.block_until_ready((new_state.params, finite))
 
   median, times = _median_time(run, steps)
-  return dict(batch_size=batch_size, precision=config.model.get("dtype", "float32"), compile_s=compile_s,
-              median_s=median, images_per_s=batch_size / median, times_s=times,
-              peak_memory_bytes=_peak_memory_bytes())
+  return dict(batch_size=batch_size, precision=config.model.get("dtype", "float32"), init_s=init_s,
+              compile_s=compile_s, median_s=median, images_per_s=batch_size / median, times_s=times,
+              peak_memory_bytes=_peak_memory_bytes(), **_compiled_costs(compiled, batch_size))
 
 
 def benchmark_export(config, batch_sizes, steps: int):
