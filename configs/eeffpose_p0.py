@@ -117,7 +117,7 @@ def synthetic_full(config: ml_collections.ConfigDict) -> None:
 
   Command:  python -m meme_jax.main --config configs/eeffpose_p0.py:synthetic_full --workdir DIR
   Runtime:  the full 215-epoch schedule; shorten it with --config.train.num_epochs=N. On a CPU it is a smoke test
-            only: XLA's CPU train step holds about 4 GB of temporaries per 256x192 image (33 GB at batch 8), so add
+            only: XLA's CPU train step holds about 1.7 GB of temporaries per 256x192 image (14 GB at batch 8), so add
             --config.train.batch_size=2 --config.train.bn_group_size=2 --config.train.steps_per_epoch=3
             --config.train.num_epochs=1 --config.test.batch_size=4.
   Result:   the same outputs as the main job (summary.json with AP and baseline_AP); images/s in the log and the
