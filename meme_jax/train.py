@@ -72,23 +72,13 @@ def input_shape(config) -> Tuple[int, int, int]:
   return height, width, 3
 
 
-def init_key(rng) -> jax.Array:
-  """The key the random initialisation draws from: an "rbg" key made from the (threefry) `rng`.
-
-  XLA compiles threefry's hash rounds anew for every initialiser (P0 has about 800: 70 s on 2 CPU cores); an rbg
-  key draws each with one RngBitGenerator op and compiles in about half that. The values are as deterministic, but
-  not those of a threefry initialisation.
-  """
-  return jax.random.wrap_key_data(jnp.asarray(jax.random.split(rng)).reshape(4), impl="rbg")
-
-
 def initial_variables(model: nn.Module, config, rng) -> Dict[str, Any]:
   """Randomly initialised variables (host numpy), then what `config.init` names loaded over them."""
   # The files come first: a missing or unfit one is reported in seconds, not after the random initialisation.
   loaded = pretrained.init_weights(config)
   dummy = jnp.zeros((1,) + input_shape(config), jnp.float32)
   init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, dummy, train=False))
-  variables = dict(flax.core.unfreeze(jax.device_get(init(init_key(rng)))))
+  variables = dict(flax.core.unfreeze(jax.device_get(init(rng))))
   variables.setdefault("batch_stats", {})
   for update in loaded:
     variables = convert.merge_variables(variables, update)
