@@ -78,10 +78,10 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
             ends training early, in time for the final evaluation, on a slower or busy machine.
   Result:   COCO AP (pycocotools, GT boxes, flip test) on the 64 validation persons, printed with the mean-pose
             baseline (0.0088 AP) and written to DIR/summary.json.
-            Measured on a 2-core machine shared with other work: AP 0.0349 after 105 steps (3.95x the baseline)
-            in 7 min 29 s and 7 min 38 s for the whole command in two runs, synthetic data generation included.
-            The time budget sets the number of steps, so a slower machine gets fewer: on a busier one, 60-68 steps
-            and AP 0.0145-0.0320 (1.65-3.62x) in about 530 s.
+            Measured in a clean environment on a quiet 2-core machine: AP 0.0553 (6.26x the baseline) after 99
+            steps, 5.3 images/s, 527 s for the command. The time budget sets the number of steps, so a slower or
+            busier machine gets fewer (65-72 steps and AP 0.0225-0.0320 before the depthwise changes of the
+            README's Benchmarks, at 3.8 images/s).
 
   The architecture is P0's (9,007,292 parameters). What makes it fit: a 64x48 input (heatmaps 16x12, sigma 1.5), a
   sixteenth of the original 256x192 per step; the host CPU as two data-parallel devices, one core each, with
