@@ -10,7 +10,8 @@ per-channel sums computed in one pass; plain autodiff would materialise k*k padd
 Inference computes the sum as one expression, which XLA fuses into a single pass. Training computes it as a loop
 over the kernel's rows: a loop's result is a buffer, while the single expression gets copied by XLA's CPU fusion
 into every consumer of the output (the BatchNorm statistics, the normalisation, the backward pass: about nine per
-convolution in EEffPose), which made the P0 train step 1.6x slower. The loop alone is 2.5x slower for inference.
+convolution in EEffPose), which cost the P0 train step a quarter of its FLOPs and 10-20 % of its time. The loop
+alone is 2.5x slower for inference.
 
 `depthwise_conv(..., impl='auto')` uses the shift-and-add on CPU and XLA's convolution (cuDNN) on GPU/TPU, where
 the library convolution is the fast path. Both give the same result to float rounding.
