@@ -7,8 +7,12 @@ holding their memory and keeping multiprocessing's resource tracker alive, so th
 (grain's queues, semaphores and batches, the top-down slots) stayed in /dev/shm too.
 """
 import multiprocessing
+import multiprocessing.synchronize
 import os
+import sys
 import threading
+import time
+from multiprocessing import shared_memory
 from typing import Tuple
 
 from absl import flags
@@ -37,6 +41,21 @@ def ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+# Where a named segment or semaphore is between its creation under its name and its registration with the resource
+# tracker: a process ending there leaves it in /dev/shm for good, since nothing else knows the name.
+_NAMING_CODE = (shared_memory.SharedMemory.__init__.__code__, multiprocessing.synchronize.SemLock.__init__.__code__)
+
+
+def _naming_in_progress() -> bool:
+  """True while a thread of this process is inside the creation of a named segment or semaphore."""
+  for frame in sys._current_frames().values():    # pylint: disable=protected-access
+    while frame is not None:
+      if frame.f_code in _NAMING_CODE:
+        return True
+      frame = frame.f_back
+  return False
+
+
 def _exit_when_parent_is_gone(parent) -> None:
   # The sentinel is the read end of a pipe whose write end only the parent holds (multiprocessing's spawn start
   # method passes no other descriptors on): it reaches end-of-file when the parent process is gone, however it died.
@@ -49,7 +68,14 @@ def _exit_when_parent_is_gone(parent) -> None:
     pass
   # Nothing of this process's own is left to save. What it shared with the trainer under a name (semaphores, grain's
   # segments, slots the trainer had not mapped yet) is registered with the resource tracker, which the trainer and
-  # every worker share and which unlinks it all when the last of them has exited, i.e. now.
+  # every worker share and which unlinks it all when the last of them has exited, i.e. now. Only a segment being made
+  # is not registered yet, so the exit waits until no thread is making one: the creating thread needs microseconds
+  # (its system calls release the GIL, so it is often caught inside one), and a blocked one (a full queue) is never
+  # inside. Between the last check and the exit this thread keeps the GIL, having just taken it (a waiting thread only
+  # asks for it after the switch interval), so no thread can start a new segment in between.
+  deadline = time.monotonic() + 5
+  while _naming_in_progress() and time.monotonic() < deadline:
+    time.sleep(0.001)
   os._exit(1)   # pylint: disable=protected-access
 
 
