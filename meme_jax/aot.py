@@ -104,6 +104,23 @@ def _count_collectives(hlo: str) -> Dict[str, int]:
   return counts
 
 
+def compiled_costs(compiled) -> Dict[str, Any]:
+  """XLA's own figures for a compiled program: argument, output and temporary bytes (the temporaries are the
+  activations and scratch a train step holds), the peak, FLOPs and bytes accessed per call. Zero where the backend
+  does not say."""
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+  out = dict(argument_bytes=0, output_bytes=0, temp_bytes=0, peak_bytes=0,
+             flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+  if memory is not None:
+    out.update(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+               temp_bytes=int(memory.temp_size_in_bytes))
+    out["peak_bytes"] = int(getattr(memory, "peak_memory_in_bytes", 0) or 0) or (
+        out["argument_bytes"] + out["output_bytes"] - int(memory.alias_size_in_bytes) + out["temp_bytes"])
+  return out
+
+
 def _compile(name: str, batch_per_chip: int, lower: Callable[[], Any], timeout_s: float,
              memory_limit: Optional[int]) -> Compiled:
   """Lowers and compiles in a helper thread, logging progress every 30 s; an out-of-memory answer is not fitting."""
@@ -135,21 +152,11 @@ def _compile(name: str, batch_per_chip: int, lower: Callable[[], Any], timeout_s
     line = next((l.strip() for l in text.splitlines() if "memory" in l.lower()), text.splitlines()[0])
     return Compiled(name, batch_per_chip, False, seconds, error=line[:300])
   compiled = result["compiled"]
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
-  if not peak:
-    peak = int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-               + memory.temp_size_in_bytes)
-  out = Compiled(name, batch_per_chip, True, seconds, argument_bytes=int(memory.argument_size_in_bytes),
-                 output_bytes=int(memory.output_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-                 peak_bytes=peak, flops=float(cost.get("flops", 0.0)),
-                 bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-                 collectives=_count_collectives(compiled.as_text()))
-  if memory_limit and peak > memory_limit:
+  costs = compiled_costs(compiled)
+  out = Compiled(name, batch_per_chip, True, seconds, collectives=_count_collectives(compiled.as_text()), **costs)
+  if memory_limit and out.peak_bytes > memory_limit:
     out.fits = False
-    out.error = f"needs {peak / 2**30:.2f} GiB of the device's {memory_limit / 2**30:.2f} GiB"
+    out.error = f"needs {out.peak_bytes / 2**30:.2f} GiB of the device's {memory_limit / 2**30:.2f} GiB"
   return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from data_pipelines import benchmark as data_benchmark
 from meme_jax import config as config_lib
-from meme_jax import parallel, schedules, tasks, train
+from meme_jax import aot, parallel, schedules, tasks, train
 
 MODES = ("model", "data", "export")
 FLAGS = flags.FLAGS
@@ -65,19 +65,10 @@ def _peak_memory_bytes():
 
 
 def _compiled_costs(compiled, batch_size: int):
-  """XLA's own figures for a compiled program: temporaries (the activations a train step keeps), arguments,
-  outputs, and FLOPs and bytes accessed, per call and, for the temporaries, per image."""
-  result = {}
-  memory = compiled.memory_analysis()
-  if memory is not None:
-    result.update(temp_bytes=int(memory.temp_size_in_bytes), argument_bytes=int(memory.argument_size_in_bytes),
-                  output_bytes=int(memory.output_size_in_bytes),
-                  temp_bytes_per_image=int(memory.temp_size_in_bytes) // max(batch_size, 1))
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  if cost:
-    result.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)))
-  return result
+  """`aot.compiled_costs`, with the temporaries per image."""
+  costs = aot.compiled_costs(compiled)
+  costs["temp_bytes_per_image"] = costs["temp_bytes"] // max(batch_size, 1)
+  return costs
 
 
 def _median_time(fn, steps: int, warmup: int = 2):
