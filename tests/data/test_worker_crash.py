@@ -100,17 +100,23 @@ def _kill(pid: int) -> None:
     pass
 
 
-@pytest.mark.parametrize("kind", ["topdown", "bottomup"])
-def test_sigkill_of_the_trainer_leaves_no_worker_and_no_shared_memory(kind, tmp_path):
-  samples = shared_path("data", "samples", "coco")
-  shm_before = set(os.listdir("/dev/shm"))
+def _prefixed_environment(site):
+  """(prefix, env): an environment for a subprocess whose every process (workers and resource tracker included)
+  names its shared-memory segments `prefix...`, through a `sitecustomize` in the new directory `site`."""
   prefix = f"t{secrets.token_hex(2)}_"     # leaves 3 random bytes within POSIX shared memory's 14-character names
-  site = tmp_path / "site"
   site.mkdir()
   (site / "sitecustomize.py").write_text(
       f"from multiprocessing import shared_memory\nshared_memory._SHM_NAME_PREFIX = '/{prefix}'\n", encoding="utf-8")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(p for p in [str(site), REPO_ROOT, os.environ.get("PYTHONPATH")] if p))
+  return prefix, env
+
+
+@pytest.mark.parametrize("kind", ["topdown", "bottomup"])
+def test_sigkill_of_the_trainer_leaves_no_worker_and_no_shared_memory(kind, tmp_path):
+  samples = shared_path("data", "samples", "coco")
+  shm_before = set(os.listdir("/dev/shm"))
+  prefix, env = _prefixed_environment(tmp_path / "site")
   log = open(tmp_path / "stderr.txt", "w+", encoding="utf-8")   # pylint: disable=consider-using-with
   trainer = subprocess.Popen([sys.executable, "-c", SCRIPT, kind, os.path.join(samples, "test_coco.json"), samples],
                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -198,14 +204,8 @@ MAKERS = textwrap.dedent("""
 
 def test_workers_killed_while_making_segments_leave_none(tmp_path):
   """Workers whose trainer dies while they make segments back to back exit without leaving one in /dev/shm."""
-  prefix = f"t{secrets.token_hex(2)}_"
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(
-      f"from multiprocessing import shared_memory\nshared_memory._SHM_NAME_PREFIX = '/{prefix}'\n", encoding="utf-8")
-  (site / "maker.py").write_text(MAKER, encoding="utf-8")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join(p for p in [str(site), REPO_ROOT, os.environ.get("PYTHONPATH")] if p))
+  prefix, env = _prefixed_environment(tmp_path / "site")
+  (tmp_path / "site" / "maker.py").write_text(MAKER, encoding="utf-8")
   left = {}
   for attempt in range(3):
     trainer = subprocess.Popen([sys.executable, "-c", MAKERS], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
