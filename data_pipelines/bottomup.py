@@ -9,10 +9,11 @@ Pipeline per sample, the original DEM's targets and augmentation:
 3. Random affine: the square of side 200 * s centred at c maps onto each output square, s = (short side / 200) *
    U[min_scale, max_scale), rotation U(-max_rotation, max_rotation) about the output centre, c = image centre +
    integer (dx, dy) drawn from [trunc(-max_translate * s), trunc(max_translate * s)). The image is warped bilinearly
-   to the input size with a black border, the mask to each output size (thresholded at 0.5; pixels outside the image
-   get 0, as in the original), the people to each output size.
+   to the input size with a black border; the mask (thresholded at 0.5; pixels outside the image get 0, as in the
+   original) and the people go to each output size through the same affine and the codec's `map_frame` (input
+   pixels -> map pixels).
 4. Flip with probability `flip_prob`: image and masks mirrored, people re-indexed by the flip index with the centre
-   and x <- r - 1 - x at each output size.
+   and x <- r - 1 - x at each output size: in the codec's frame that is the image's mirror at every size.
 5. Targets from `DEMCodec.encode`; the image normalised with the ImageNet mean and std.
 Steps 3-5 are composable steps (`train_steps`: `RandomAffine`, `WarpImage`, `WarpPeopleAndMasks`, `EncodeTargets`),
 as the top-down augmentation's in `data_pipelines.transforms`.
@@ -189,8 +190,10 @@ class WarpPeopleAndMasks:
     mask_u8 = (sample.pop("mask") * 255).astype(np.uint8)
     people = sample.pop("people")
     per_resolution = []
+    to_input = np.vstack([affine.square_crop_matrix(aff["center"], aff["scale"], self.codec.input_size,
+                                                    aff["rotation"]), [0.0, 0.0, 1.0]])
     for i, r in enumerate(self.codec.output_sizes):
-      matrix = affine.square_crop_matrix(aff["center"], aff["scale"], r, aff["rotation"])
+      matrix = self.codec.map_frame(r) @ to_input
       m = cv2.warpAffine(mask_u8, matrix, (r, r), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) / 255.0
       m = (m > 0.5).astype(np.float32)
       p = transform_people(people, matrix)

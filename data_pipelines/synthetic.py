@@ -29,7 +29,7 @@ from pycocotools import mask as mask_utils
 
 from meme_jax import keypoints as keypoints_lib
 
-VERSION = 1
+VERSION = 2
 NUM_JOINTS = 17
 (NOSE, L_EYE, R_EYE, L_EAR, R_EAR, L_SHOULDER, R_SHOULDER, L_ELBOW, R_ELBOW, L_WRIST, R_WRIST, L_HIP, R_HIP, L_KNEE,
  R_KNEE, L_ANKLE, R_ANKLE) = range(NUM_JOINTS)
@@ -134,7 +134,9 @@ def _draw_figure(canvases, values, pose, offset):
   h = pose["height"]
   t = pose["thickness"]
   head = pose["head_centre"] + offset
-  marker_radius = max(2, int(round(0.014 * h)))
+  # A joint's marker is a disc of 2.5% of the figure's height: at the crop and input sizes of the CPU configs (a
+  # 64x48 top-down crop, a 128x128 bottom-up input) it stays 2-5 pixels across, where at 1.4% it was 1-2.
+  marker_radius = max(2, int(round(0.025 * h)))
   for canvas, value in zip(canvases, values):
     colour = (lambda c: c) if value is None else (lambda c: value * _PARTS + _BODY)
     torso = np.array([kp[L_SHOULDER], kp[R_SHOULDER], kp[R_HIP], kp[L_HIP]])

@@ -2,6 +2,8 @@
 
   python -m meme_jax.bottomup.benchmark --benchmark            # post-processing time per image vs network time
   python -m meme_jax.bottomup.benchmark --grouping_benchmark   # COCO AP of grouping variants (MRM on / off, ...)
+  python -m meme_jax.bottomup.benchmark --stages --checkpoint DIR --config configs/dem_w32_coco.py:synthetic
+      # a trained network on the config's validation images, stage by stage (evaluation.stage_ablation)
 
 Prints JSON. The scenes and the simulated network errors are `meme_jax.bottomup.scenes`'.
 """
@@ -25,6 +27,8 @@ from pycocotools.coco import COCO
 from meme_jax import config as config_lib
 from meme_jax import keypoints as keypoints_lib
 from meme_jax import models
+from meme_jax import predict
+from meme_jax.bottomup import evaluation
 from meme_jax.bottomup import grouping
 from meme_jax.bottomup.inference import BottomUp
 from meme_jax.bottomup.inference import Prediction
@@ -168,14 +172,19 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "scene and noise seed")
   flags.DEFINE_bool("network", True, "--benchmark: also time the network")
   flags.DEFINE_bool("ideal", False, "ideal instead of noisy simulated outputs")
+  flags.DEFINE_bool("stages", False, "the metric of a trained network stage by stage on the validation images: "
+                    "its heatmaps, offsets and tags swapped in one by one for the ideal maps, MRM on and off")
+  flags.DEFINE_string("checkpoint", "", "--stages: the trained network (a run's step directory, orbax or .pth)")
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fl = flags.FLAGS
-  if not (fl.benchmark or fl.grouping_benchmark):
-    raise app.UsageError("give --benchmark and/or --grouping_benchmark")
+  if not (fl.benchmark or fl.grouping_benchmark or fl.stages):
+    raise app.UsageError("give --benchmark, --grouping_benchmark and/or --stages")
+  if fl.stages and not fl.checkpoint:
+    raise app.UsageError("--stages needs --checkpoint")
   config = fl.config
   if fl.scales:
     config.test.scale_factors = tuple(float(s) for s in fl.scales)
@@ -197,6 +206,12 @@ def main(argv) -> None:
                                scale_factors=config.test.scale_factors, flip_test=config.test.flip_test)
     report["grouping"] = {name: {k: round(v, 4) for k, v in s.items() if k in ("AP", "AP .5", "AP .75", "AR")}
                           for name, s in stats.items()}
+  if fl.stages:
+    table = evaluation.stage_ablation(config, predict.build_apply_fn(config),
+                                      predict.load_checkpoint(fl.checkpoint, config))
+    report["stages"] = {variant: {stage: {k: round(v, 4) for k, v in s.items() if k in ("AP", "AP .5", "AP .75",
+                                                                                        "AR")}
+                                  for stage, s in rows.items()} for variant, rows in table.items()}
   print(json.dumps(report, indent=2))
 
 

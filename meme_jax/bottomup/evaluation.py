@@ -10,7 +10,11 @@ person whose joints' mean lies closest to that position, and joints go back to t
 - `evaluate_bottomup(config, apply_fn, variables, image_records, workdir=...)` -> stats by name;
 - `codec_upper_bound(config, workdir=...)`: the metric when the network is replaced by ideal outputs rendered
   from the ground truth with the training codec.
+- `stage_ablation(config, apply_fn, variables)`: where a trained network loses its metric, stage by stage: the
+  ideal maps, then the network's heatmaps with ideal offsets and tags, then its offsets or its tags as well, then
+  the network alone, each under several grouping settings (MRM on and off by default).
 """
+import dataclasses
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -19,10 +23,13 @@ import numpy as np
 
 from data_pipelines import bottomup as bottomup_data
 from data_pipelines import images as images_lib
+from meme_jax.bottomup import grouping
 from meme_jax.bottomup.inference import BottomUp
 from meme_jax.bottomup.inference import Prediction
 from meme_jax.bottomup.inference import predict_from_maps
+from meme_jax.bottomup.scenes import scene_outputs
 from meme_jax.bottomup.scenes import upper_bound_predictions
+from meme_jax.codecs.dem import DEMCodec
 from meme_jax.metrics import protocols
 
 
@@ -170,6 +177,54 @@ def codec_upper_bound(config, records: Optional[Sequence[Mapping[str, Any]]] = N
   if not details:
     return result["stats"]
   return dict(stats=result["stats"], predictions=predictions, results_file=result["results_file"])
+
+
+# Which maps each stage takes from the network; the rest are the ideal maps of the ground truth.
+STAGES = {
+    "ideal": (),
+    "network heatmaps": ("heatmaps",),
+    "network heatmaps + offsets": ("heatmaps", "offsets"),
+    "network heatmaps + tags": ("heatmaps", "tags"),
+    "network": ("heatmaps", "offsets", "tags"),
+}
+
+
+def stage_ablation(config, apply_fn, variables, records: Optional[Sequence[Mapping[str, Any]]] = None, *,
+                   variants: Optional[Mapping[str, grouping.GroupingParams]] = None,
+                   stages: Mapping[str, Sequence[str]] = STAGES) -> Dict[str, Dict[str, Dict[str, float]]]:
+  """The metric of every stage (`STAGES`: which of heatmaps, offsets and tags come from the network, the others
+  being the codec's ideal maps of the ground truth) under every grouping variant (default: the config's grouping
+  with MRM on and off) -> {variant: {stage: stats}}.
+
+  Both kinds of maps go through the same test path (scales, flip merge, projection) before they are mixed, so a
+  stage differs from the one before it only in the maps it swaps. `records` default to the validation images.
+  """
+  if records is None:
+    records = bottomup_data.load_image_records(config)
+  runner = BottomUp(config, apply_fn, variables)
+  if variants is None:
+    base = runner.params
+    variants = {"mrm on": dataclasses.replace(base, mrm=True), "mrm off": dataclasses.replace(base, mrm=False)}
+  codec = DEMCodec.from_config(config)
+  pairs = []
+  for record in records:
+    image = _image(record)
+    ideal = runner.maps_from_outputs(scene_outputs(codec, record["keypoints"], image.shape[:2], runner.options),
+                                     image.shape[:2])
+    pairs.append((ideal, runner.maps(image)))
+  table: Dict[str, Dict[str, Dict[str, float]]] = {}
+  for variant, params in variants.items():
+    table[variant] = {}
+    for stage, fields in stages.items():
+      predictions = []
+      for ideal, network in pairs:
+        maps = ideal._replace(**{f: getattr(network, f) for f in fields})
+        predictions.append(predict_from_maps(maps, runner.groups, params))
+      stats = evaluate_predictions(config, records, predictions, name=f"stage_{len(table[variant])}")["stats"]
+      table[variant][stage] = dict(stats)
+      logging.info("stage ablation %s, %s: %s", variant, stage,
+                   ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+  return table
 
 
 def mpii_gt_from_entries(entries: Sequence[Mapping[str, Any]], head_top: int = 9, upper_neck: int = 8

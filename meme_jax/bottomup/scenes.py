@@ -23,6 +23,18 @@ from meme_jax.codecs.dem import DEMCodec
 # Ideal outputs and the upper bound.
 
 
+def people_on_map(codec, people: np.ndarray, stride: int, map_width: int, flip: bool = False) -> np.ndarray:
+  """People (N, K, 3) in input pixels -> the pixels of the maps at `stride` in the codec's `map_frame`, as
+  training places them; with `flip`, in the maps of the mirrored input (`map_width` wide), re-indexed."""
+  p = np.array(people, np.float64, copy=True)
+  frame = codec.map_frame(1, input_size=stride)
+  p[..., :2] = p[..., :2] * frame[0, 0] + frame[0, 2]
+  if flip:
+    p = p[:, codec.flip_index]
+    p[..., 0] = map_width - 1 - p[..., 0]
+  return p
+
+
 def ideal_outputs(codec, people: np.ndarray, input_hw: Tuple[int, int], person_tags: Sequence[float], *,
                   flip: bool = False, input_size: int):
   """What a perfect network would output for people (N, K, 3) in network-input pixels of an input of size
@@ -38,11 +50,7 @@ def ideal_outputs(codec, people: np.ndarray, input_hw: Tuple[int, int], person_t
   for stride in (4, 2):
     r = side // stride
     h, w = height // stride, width // stride
-    p = np.array(people, np.float64, copy=True)
-    p[..., :2] /= stride
-    if flip:
-      p = p[:, codec.flip_index]
-      p[..., 0] = w - 1 - p[..., 0]
+    p = people_on_map(codec, people, stride, w, flip)
     # Rendered on an r x r canvas (the codec's square maps) and cropped; the offsets re-normalised from the canvas
     # diagonal to the network's sqrt(2) * input_size.
     heat = codec.heatmaps(p, r)[:h, :w]
@@ -230,12 +238,7 @@ def noisy_outputs(codec, people: np.ndarray, input_hw: Tuple[int, int], person_t
       h, w = height // stride, width // stride
 
       def to_map(points):
-        p = np.array(points, np.float64, copy=True)
-        p[..., :2] /= stride
-        if flip:
-          p = p[:, codec.flip_index]
-          p[..., 0] = w - 1 - p[..., 0]
-        return p
+        return people_on_map(codec, points, stride, w, flip)
 
       heat = np.zeros((r, r, k), np.float32)
       for i in range(n):

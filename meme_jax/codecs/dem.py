@@ -9,7 +9,14 @@ People are arrays `(N, K, 3)` of (x, y, v) in the pixel frame of one output reso
 K = J + 1: the dataset's J joints and the person centre as the last point. The maps are NHWC like the model's outputs:
 heatmaps `(r, r, K)`, offsets `(r, r, num_offset_channels)`.
 
-Targets follow the original generators except for three defects, each fixed by default:
+Targets follow the original generators except for four defects, each fixed by default:
+- the original placed people on an r x r map by scaling input pixels, x_r = x * r / S, and mirrored them there as
+  x_r <- r - 1 - x_r while the image was mirrored by reversing its pixels (x <- S - 1 - x). The two mirrors agree
+  only at the input size, so on flipped samples the targets lay 1 input pixel (at 1/2) and 3 input pixels (at 1/4)
+  left of the joints in the image, half the samples having one target and half another. Here a map pixel covers
+  the input pixels it covers on the image, x_r = (x + 0.5) * r / S - 0.5 (pixel centres, the frame of the test's
+  bilinear resize), in which reversing the pixels mirrors every resolution alike. `original_map_frame=True` gives
+  the original's frame.
 - in the hierarchical and centre channels of limb joints the original overwrote overlapping windows but still
   counted them, so an overlap held the last person's value divided by the overlap count. Here every offset channel
   holds the average of the people covering the pixel. `original_offset_overlap=True` gives the original maps.
@@ -20,7 +27,8 @@ Targets follow the original generators except for three defects, each fixed by d
   MPII yaml also matches): each limb joint's parent comes from the config (`ljg_parents`, default joint index - 2,
   which is what COCO, CrowdPose and MPII in the original's joint order use), and one offset target per resolution
   is produced for every dataset (the original CrowdPose loader expected two and crashed).
-Neither flag changes anything a converted checkpoint computes; they exist to reproduce the original training targets.
+None of the flags changes anything a converted checkpoint computes; they exist to reproduce the original training
+targets.
 Also different from the original, without a flag: AE index lists hold only people with a listed point, and people
 beyond `max_people` of them are left out of the AE loss (the original raised an IndexError past 30 annotations).
 
@@ -213,6 +221,7 @@ class DEMCodec:
     ljg_parents: parent of each `ljg_with_hier` joint (same order); default joint - 2.
     original_offset_overlap: reproduce the original last-writer / count overlap (module docstring).
     offsets_to_invisible_parents: reproduce the original offsets to unlabelled parents (module docstring).
+    original_map_frame: place people on the maps by scaling input pixels, as the original (module docstring).
   """
 
   def __init__(self, num_joints: int, rjg_tag: Sequence[int], ljg_with_hier: Sequence[int],
@@ -220,7 +229,7 @@ class DEMCodec:
                input_size: int = 512, output_sizes: Sequence[int] = (128, 256), sigma: float = 2.0,
                max_people: int = 30, tau: int = 7, ljg_parents: Optional[Sequence[int]] = None,
                original_offset_overlap: bool = False, offsets_to_invisible_parents: bool = False,
-               flip_index: Optional[Sequence[int]] = None):
+               flip_index: Optional[Sequence[int]] = None, original_map_frame: bool = False):
     self.groups = JointGroups.build(num_joints, rjg_tag, ljg_with_hier, ljg_center_only, parents=ljg_parents,
                                     flip_pairs=flip_pairs, flip_index=flip_index)
     self.num_joints = self.groups.num_joints
@@ -239,6 +248,7 @@ class DEMCodec:
     self.tau = int(tau)
     self.original_offset_overlap = bool(original_offset_overlap)
     self.offsets_to_invisible_parents = bool(offsets_to_invisible_parents)
+    self.original_map_frame = bool(original_map_frame)
 
     # The original's unnormalised Gaussian: side 6*sigma+3, peak (value 1) at index 3*sigma+1.
     size = 6 * self.sigma + 3
@@ -252,8 +262,8 @@ class DEMCodec:
     """Builds the codec from a DEM experiment config (`config.data`, see configs/dem_common.py).
 
     Reads the joint groups as `JointGroups.from_config` does, then `image_size`, `output_size`, `sigma`,
-    `offset_radius`, `max_num_people` and the two reproduction flags `original_offset_overlap` and
-    `offsets_to_invisible_parents` (default False).
+    `offset_radius`, `max_num_people` and the reproduction flags `original_offset_overlap`,
+    `offsets_to_invisible_parents` and `original_map_frame` (default False).
     """
     groups = JointGroups.from_config(config)
     data = config.data
@@ -275,6 +285,7 @@ class DEMCodec:
         tau=int(data.get("offset_radius", 7)),
         original_offset_overlap=bool(data.get("original_offset_overlap", False)),
         offsets_to_invisible_parents=bool(data.get("offsets_to_invisible_parents", False)),
+        original_map_frame=bool(data.get("original_map_frame", False)),
     )
 
   # ---------------------------------------------------------------------------------------------- people
@@ -295,14 +306,23 @@ class DEMCodec:
     center[has, 0, 2] = 1.0
     return np.concatenate([keypoints, center], axis=1)
 
+  def map_frame(self, resolution: int, input_size: Optional[int] = None) -> np.ndarray:
+    """2x3 affine from input pixels to the pixels of the maps at `resolution` (module docstring); `input_size`
+    (default the codec's) is the input side the maps' side belongs to."""
+    ratio = resolution / float(input_size or self.input_size)
+    shift = 0.0 if self.original_map_frame else 0.5 * ratio - 0.5
+    return np.array([[ratio, 0.0, shift], [0.0, ratio, shift]])
+
   def to_resolution(self, people: np.ndarray, resolution: int) -> np.ndarray:
-    """People in input pixels -> people in the pixels of an r x r map (the augmentation maps both linearly)."""
+    """People in input pixels -> people in the pixels of an r x r map (`map_frame`)."""
     people = np.array(people, dtype=np.float64, copy=True)
-    people[..., :2] *= resolution / self.input_size
+    frame = self.map_frame(resolution)
+    people[..., :2] = people[..., :2] * frame[0, 0] + frame[0, 2]
     return people
 
   def flip_people(self, people: np.ndarray, resolution: int) -> np.ndarray:
-    """Horizontal mirror of people on an r x r map: x <- r - 1 - x, joints re-indexed by the flip index."""
+    """Horizontal mirror of people on an r x r map: x <- r - 1 - x, joints re-indexed by the flip index (the
+    mirror of the input image in `map_frame`, unless `original_map_frame`)."""
     people = np.array(people, dtype=np.float64, copy=True)[:, self.flip_index]
     people[..., 0] = resolution - 1 - people[..., 0]
     return people

@@ -94,14 +94,17 @@ def test_offsets_to_centre_and_parent_by_hand():
 
 
 def test_offset_values_do_not_depend_on_resolution():
-  """(T - p) / (sqrt(2) r): the same displacement in input pixels gives the same value at both resolutions."""
-  codec = coco_codec()
-  people_in = codec.add_centers(person({0: (20, 20), 1: (36, 28)}))     # input pixels (64 input)
-  p16, p32 = codec.to_resolution(people_in, 16), codec.to_resolution(people_in, R)
-  off16, off32 = codec.offsets(p16, 16), codec.offsets(p32, R)
-  # The nose is at (5, 5) on the 16 map and (10, 10) on the 32 map; same pixel in input space.
-  np.testing.assert_allclose(off16[5, 5, 0:2], off32[10, 10, 0:2], rtol=1e-6)
-  np.testing.assert_allclose(off32[10, 10, 0:2], [(24 - 20) / 2 / Z, (28 - 20) / 2 / Z], rtol=1e-6)
+  """(T - p) / (sqrt(2) r): the same displacement in input pixels gives the same value at both resolutions. A map
+  pixel p stands for input pixel (p + 0.5) * stride - 0.5 (the original: p * stride)."""
+  people_in = coco_codec().add_centers(person({0: (20, 20), 1: (36, 28)}))     # input pixels (64 input)
+  centre = np.array([24.0, 28.0])                                               # (y, x) in input pixels
+  for original, (u16, u32) in ((False, (21.5, 20.5)), (True, (20.0, 20.0))):
+    codec = coco_codec(original_map_frame=original)
+    p16, p32 = codec.to_resolution(people_in, 16), codec.to_resolution(people_in, R)
+    off16, off32 = codec.offsets(p16, 16), codec.offsets(p32, R)
+    # Pixel (5, 5) of the 16 map and (10, 10) of the 32 map lie in the nose's windows at both resolutions.
+    np.testing.assert_allclose(off16[5, 5, 0:2], (centre - u16) / (math.sqrt(2) * 64), rtol=1e-6)
+    np.testing.assert_allclose(off32[10, 10, 0:2], (centre - u32) / (math.sqrt(2) * 64), rtol=1e-6)
 
 
 def test_overlapping_windows_average_every_channel():
@@ -211,7 +214,8 @@ def test_encode_gives_every_resolution():
   targets = codec.encode([codec.to_resolution(people_in, r) for r in codec.output_sizes])
   assert targets["heatmaps_0"].shape == (16, 16, 18) and targets["heatmaps_1"].shape == (R, R, 18)
   assert targets["offsets_0"].shape == (16, 16, 42) and targets["offsets_1"].shape == (R, R, 42)
-  assert targets["joints_0"][0, 0, 0] == 0 * 256 + 5 * 16 + 5
+  # The nose at input (20, 20) is at (20 + 0.5) / 4 - 0.5 = 4.625 on the 16 map: pixel (4, 4).
+  assert targets["joints_0"][0, 0, 0] == 0 * 256 + 4 * 16 + 4
   with pytest.raises(ValueError, match="resolutions"):
     codec.encode([people_in])
 

@@ -117,6 +117,13 @@ def test_augmentation_affine_equals_the_top_down_affine(rotation):
   np.testing.assert_allclose(ours, reference, atol=1e-4)
 
 
+def on_map(points, center, scale, r, input_size):
+  """Image points -> pixels of an r x r target map: the input warp, then input pixel centres onto map pixel
+  centres (a map pixel covers the r / input_size input pixels under it)."""
+  matrix = affine.get_affine_transform(np.asarray(center), np.array([scale, scale]), 0, (input_size, input_size))
+  return (affine.apply_affine(points, matrix) + 0.5) * r / input_size - 0.5
+
+
 def test_unaugmented_sample_targets_sit_at_the_mapped_keypoints(coco_paths):
   config = config_for("dem_w32_coco", *coco_paths, input_size=128)
   record = next(r for r in bottomup.load_records(config) if r["image_id"] == 785)
@@ -124,8 +131,7 @@ def test_unaugmented_sample_targets_sit_at_the_mapped_keypoints(coco_paths):
   assert sample["image"].shape == (128, 128, 3) and sample["image"].dtype == np.float32
   kpts = record["keypoints"][0]
   for i, r in enumerate((32, 64)):
-    matrix = affine.get_affine_transform(np.array([320.0, 212.5]), np.array([2.125, 2.125]), 0, (r, r))
-    mapped = affine.apply_affine(kpts[:, :2], matrix)
+    mapped = on_map(kpts[:, :2], [320.0, 212.5], 2.125, r, 128)
     hm = sample[f"heatmaps_{i}"]
     for j in (0, 5, 9, 16):
       x, y = int(mapped[j, 0]), int(mapped[j, 1])
@@ -176,6 +182,40 @@ def test_flip_mirrors_image_masks_and_swaps_joints(coco_paths):
   assert y5 == y6 and abs(x5 - (63 - x6)) <= 1
 
 
+@pytest.mark.parametrize("original", [False, True])
+def test_flipped_people_sit_where_the_mirrored_image_shows_them(coco_paths, original):
+  """A flipped sample's people at every output size are the mirror, in input pixels (x <- S - 1 - x, as the image's
+  pixels are reversed), of where the augmentation put the joints, carried to the map's pixel centres. The original's
+  frame (map pixel x * r / S, mirrored as r - 1 - x on the map) misses it by 1 - r / S map pixels."""
+  config = config_for("dem_w32_coco", *coco_paths, input_size=128)
+  config.data.flip_prob = 1.0
+  config.data.original_map_frame = original
+  codec = DEMCodec.from_config(config)
+  record = next(r for r in bottomup.load_records(config) if r["image_id"] == 196141)
+  steps = bottomup.train_steps(config, codec)[:3]           # affine, image, people and masks; no targets
+  sample = dict(image=read_image(record["file"]), mask=np.ones((record["height"], record["width"]), np.float32),
+                people=codec.add_centers(record["keypoints"]))
+  for step in steps:
+    sample = step(sample, np.random.default_rng(3))
+  aff, size = sample["affine"], codec.input_size
+  matrix = affine.square_crop_matrix(aff["center"], aff["scale"], size, aff["rotation"])
+  on_input = affine.apply_affine(codec.add_centers(record["keypoints"])[..., :2], matrix)
+  mirrored = size - 1 - on_input[..., 0]
+  labelled = record["keypoints"][:, :, 2] > 0
+  for r, people in zip(codec.output_sizes, sample["people_per_resolution"]):
+    x = people[:, codec.flip_index, 0][:, :-1]             # back in the unflipped joint order, joints only
+    if original:
+      expected = r - 1 - on_input[..., 0] * r / size
+    else:
+      expected = (mirrored + 0.5) * r / size - 0.5
+    np.testing.assert_allclose(x[labelled], expected[:, :-1][labelled], atol=1e-9)
+  if original:
+    # In its own frame the mirrored image shows the joint at (S - 1 - x) * r / S: 0.75 map pixels (3 input pixels)
+    # right of the target at r = S / 4.
+    gap = mirrored * r / size - expected
+    np.testing.assert_allclose(gap[:, :-1][labelled], 1 - r / size, atol=1e-9)
+
+
 def test_crowdpose_sample_has_36_offset_channels_pointing_at_parents(crowdpose_paths):
   config = config_for("dem_w32_crowdpose", *crowdpose_paths)
   record = next(r for r in bottomup.load_records(config) if r["image_id"] == 103319)
@@ -184,10 +224,9 @@ def test_crowdpose_sample_has_36_offset_channels_pointing_at_parents(crowdpose_p
   assert sample["heatmaps_0"].shape == (128, 128, 15) and sample["joints_0"].shape == (30, 15, 2)
   assert np.all(sample["masks_0"] == 1) and np.all(sample["masks_1"] == 1)   # no segmentations in CrowdPose
   r = 256
-  matrix = affine.get_affine_transform(np.array([320.0, 240.0]), np.array([2.4, 2.4]), 0, (r, r))
   z = math.sqrt(2) * r
   for person in record["keypoints"]:
-    mapped = affine.apply_affine(person[:, :2], matrix)
+    mapped = on_map(person[:, :2], [320.0, 240.0], 2.4, r, 512)
     center = mapped[person[:, 2] > 0].mean(axis=0)
     x, y = int(mapped[2, 0]), int(mapped[2, 1])         # left elbow -> left shoulder, channels 0-3
     dy, dx, cy, cx = sample["offsets_1"][y, x, 0:4] * z
