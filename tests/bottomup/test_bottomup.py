@@ -176,6 +176,29 @@ def test_codec_upper_bound_mpii_samples():
   np.testing.assert_array_equal(back[0, list(config.data.joint_order)], network[0])
 
 
+def test_stage_ablation_swaps_only_the_named_maps():
+  """A 'network' that returns the ideal outputs of the image scores the upper bound at every stage; one that
+  returns zeros scores it only where no map comes from the network."""
+  config = sample_config("coco", tiny=True)
+  config.test.scale_factors = (1.0,)
+  records = bottomup_data.load_image_records(config)[:1]
+  runner = bottomup.BottomUp(config, None, None)
+  record = records[0]
+  (scale, ideal), = scenes.scene_outputs(DEMCodec.from_config(config), record["keypoints"],
+                                         (record["height"], record["width"]), runner.options)
+  ideal = tuple(jnp.asarray(o) for o in ideal)
+  # Scored against the whole sample set, of which one image has predictions: a low AP, the same at every stage.
+  bound = evaluate_bottomup.codec_upper_bound(config, records)["AP"]
+  assert bound > 0.05
+  variants = {"default": runner.params}
+  perfect = evaluate_bottomup.stage_ablation(config, lambda v, x: v, ideal, records, variants=variants)["default"]
+  assert {stage: stats["AP"] for stage, stats in perfect.items()} == {stage: bound for stage in perfect}
+  zeros = tuple(jnp.zeros_like(o) for o in ideal)
+  blind = evaluate_bottomup.stage_ablation(config, lambda v, x: v, zeros, records, variants=variants)["default"]
+  assert blind["ideal"]["AP"] == bound
+  assert all(blind[stage]["AP"] <= 0 for stage in blind if stage != "ideal"), blind
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The network path.
 
