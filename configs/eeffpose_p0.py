@@ -77,11 +77,10 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   Runtime:  under 10 minutes on a 2-core CPU, compilation included (about 2 minutes of it); `train.time_budget_s`
             ends training early, in time for the final evaluation, on a slower or busy machine.
   Result:   COCO AP (pycocotools, GT boxes, flip test) on the 64 validation persons, printed with the mean-pose
-            baseline (0.0088 AP) and written to DIR/summary.json.
-            Measured in a clean environment on a quiet 2-core machine: AP 0.0553 (6.26x the baseline) after 99
-            steps, 5.3 images/s, 527 s for the command. The time budget sets the number of steps, so a slower or
-            busier machine gets fewer (65-72 steps and AP 0.0225-0.0320 before the depthwise changes of the
-            README's Benchmarks, at 3.8 images/s).
+            baseline (about 0.01 AP) and written to DIR/summary.json.
+            Measured in a clean environment on a 2-core machine: AP 0.0747 (7.66x the baseline, 0.0097) after
+            all 105 steps, 9.4 images/s, 315 s for the command. The time budget sets the number of steps, so a
+            slower or busier machine gets fewer (99 steps at 5.3 images/s on an earlier, slower machine).
 
   The architecture is P0's (9,007,292 parameters). What makes it fit: a 64x48 input (heatmaps 16x12, sigma 1.5), a
   sixteenth of the original 256x192 per step; the host CPU as two data-parallel devices, one core each, with
