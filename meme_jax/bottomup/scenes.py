@@ -26,9 +26,7 @@ from meme_jax.codecs.dem import DEMCodec
 def people_on_map(codec, people: np.ndarray, stride: int, map_width: int, flip: bool = False) -> np.ndarray:
   """People (N, K, 3) in input pixels -> the pixels of the maps at `stride` in the codec's `map_frame`, as
   training places them; with `flip`, in the maps of the mirrored input (`map_width` wide), re-indexed."""
-  p = np.array(people, np.float64, copy=True)
-  frame = codec.map_frame(1, input_size=stride)
-  p[..., :2] = p[..., :2] * frame[0, 0] + frame[0, 2]
+  p = codec.to_resolution(people, 1, input_size=stride)
   if flip:
     p = p[:, codec.flip_index]
     p[..., 0] = map_width - 1 - p[..., 0]

@@ -313,10 +313,10 @@ class DEMCodec:
     shift = 0.0 if self.original_map_frame else 0.5 * ratio - 0.5
     return np.array([[ratio, 0.0, shift], [0.0, ratio, shift]])
 
-  def to_resolution(self, people: np.ndarray, resolution: int) -> np.ndarray:
-    """People in input pixels -> people in the pixels of an r x r map (`map_frame`)."""
+  def to_resolution(self, people: np.ndarray, resolution: int, input_size: Optional[int] = None) -> np.ndarray:
+    """People in input pixels -> people in the pixels of an r x r map (`map_frame`, same arguments)."""
     people = np.array(people, dtype=np.float64, copy=True)
-    frame = self.map_frame(resolution)
+    frame = self.map_frame(resolution, input_size)
     people[..., :2] = people[..., :2] * frame[0, 0] + frame[0, 2]
     return people
 
