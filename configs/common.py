@@ -113,6 +113,8 @@ def train_defaults() -> ml_collections.ConfigDict:
   train.steps_per_epoch = -1      # -1: one pass over the training set
   train.time_budget_s = 0.0       # > 0: stop training when the run (compilation included) would exceed it with
   train.time_budget_reserve_s = 60.0  #  the final evaluation, whose cost is estimated as at least this
+  train.fit_schedule_to_budget = False  # True: multistep milestones move to the same fractions of the epochs the
+                                        # budget allows (measured after the first epoch), on a slower machine
   train.cpu_devices = 0           # > 1: run on the host CPU as that many data-parallel devices (one core each)
   train.async_checkpoints = True  # write checkpoints in the background while training goes on
   train.profile_steps = 0         # > 0: a JAX profile (TensorBoard) of that many steps ...

@@ -149,3 +149,11 @@ def any_process(flag: bool) -> bool:
     return bool(flag)
   flags = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
   return bool(np.asarray(flags).max())
+
+
+def min_over_processes(value: float) -> float:
+  """The smallest of every process's `value`, on every process (no-op with one process)."""
+  if jax.process_count() == 1:
+    return float(value)
+  values = multihost_utils.process_allgather(np.asarray([value], np.float64))
+  return float(np.asarray(values).min())

@@ -6,8 +6,13 @@ The LR is constant within an epoch and decided on the host: linear warm-up epoch
 - 'multistep': multiply by `lr_factor` at each epoch of `lr_steps` (counted after the warm-up; what the yaml says);
 - 'constant'.
 
-The schedule is a small host object whose state (current LR, plateau counters) is saved in the checkpoint. The LR
-reaches optax through `optax.inject_hyperparams`, so changing it never recompiles the train step.
+A run that a time budget will end early (`train.time_budget_s`) can keep the shape of its multistep schedule with
+`train.fit_schedule_to_budget`: `EpochSchedule.fit_to_horizon` moves the milestones not yet reached to the same
+fractions of the epochs the budget allows, so a slower machine still ends at the low LR instead of being cut off
+before the first drop.
+
+The schedule is a small host object whose state (current LR, plateau counters, moved milestones) is saved in the
+checkpoint. The LR reaches optax through `optax.inject_hyperparams`, so changing it never recompiles the train step.
 """
 import math
 from typing import Any, Dict, Optional, Sequence
@@ -102,6 +107,7 @@ class EpochSchedule:
     self.warmup_epochs = int(warmup_epochs)
     self.factor = float(factor)
     self.milestones = tuple(int(m) for m in milestones)
+    self.fitted = False         # whether fit_to_horizon moved a milestone
     # The original steps ReduceLROnPlateau(mode='min') with -AP; doing the same keeps the threshold identical
     # ('min' with 'rel' accepts AP > best * (1 - 1e-4), 'max' would need AP > best * (1 + 1e-4)).
     self.plateau = ReduceLROnPlateau(mode="min", factor=factor, patience=patience, threshold=threshold,
@@ -121,6 +127,20 @@ class EpochSchedule:
       self.lr = self.base_lr
     return self.lr
 
+  def fit_to_horizon(self, epoch: int, horizon: float, num_epochs: int) -> bool:
+    """Before epoch `epoch` begins: the run is expected to end after `horizon` epochs (warm-up included, may be
+    fractional) instead of the planned `num_epochs` after the warm-up. Each multistep milestone not yet reached
+    moves to the same fraction of the shorter run, rounded to an epoch, never before `epoch` and never later
+    than it was. Reached milestones stay, so the LR never rises again. Returns whether a milestone moved."""
+    if self.kind != "multistep" or num_epochs <= 0:
+      return False
+    after = epoch - self.warmup_epochs
+    fraction = min(1.0, max(0.0, horizon - self.warmup_epochs) / num_epochs)
+    moved = tuple(m if m <= after else min(m, max(after, math.floor(m * fraction + 0.5))) for m in self.milestones)
+    changed = moved != self.milestones
+    self.milestones, self.fitted = moved, self.fitted or changed
+    return changed
+
   def end_epoch(self, epoch: int, metric: Optional[float]) -> float:
     del epoch  # the LR of the next epoch depends only on the state
     if self.kind == "plateau" and metric is not None:
@@ -128,13 +148,18 @@ class EpochSchedule:
     return self.lr
 
   def state_dict(self) -> Dict[str, Any]:
-    return dict(kind=self.kind, lr=self.lr, plateau=self.plateau.state_dict())
+    state = dict(kind=self.kind, lr=self.lr, plateau=self.plateau.state_dict())
+    if self.fitted:      # only moved milestones outrank the config's on resume
+      state["milestones"] = list(self.milestones)
+    return state
 
   def load_state_dict(self, state: Dict[str, Any]) -> None:
     if state["kind"] != self.kind:
       raise ValueError(f"the checkpoint's schedule is {state['kind']!r} but the config asks for {self.kind!r}")
     self.lr = float(state["lr"])
     self.plateau.load_state_dict(state["plateau"])
+    if "milestones" in state:
+      self.milestones, self.fitted = tuple(int(m) for m in state["milestones"]), True
 
 
 def from_config(train) -> EpochSchedule:

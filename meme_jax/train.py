@@ -253,6 +253,15 @@ class TimeBudget:
       return False
     return parallel.any_process(time.time() - self.start + self.reserve_s > self.budget_s)
 
+  def horizon_epochs(self, step: int, steps_per_epoch: int, loop_start: float, steps_done: int) -> float:
+    """The epoch (fractional, from the start of training) at which the budget will stop the run, at the pace of
+    this run so far: wall time per step since `loop_start`, evaluations and checkpoints included. The slowest
+    process decides, so every process moves its schedule alike."""
+    seconds_per_step = (time.time() - loop_start) / max(1, steps_done)
+    remaining = self.budget_s - (time.time() - self.start) - self.reserve_s
+    horizon = (step + max(0.0, remaining) / seconds_per_step) / steps_per_epoch
+    return parallel.min_over_processes(horizon)
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest valid checkpoint), evaluates, writes summary.json.
@@ -368,9 +377,17 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
 
   steps_done = 0
   stop = None          # why the loop ended early: 'preempted' or 'time budget'
+  fit_schedule = bool(train_cfg.get("fit_schedule_to_budget", False)) and budget.budget_s > 0
+  loop_start = time.time()
   try:
     while step < total_steps and stop is None:
       epoch = step // steps_per_epoch
+      # After a whole epoch has shown this machine's pace: the epochs the budget allows reshape the schedule.
+      if fit_schedule and steps_done >= steps_per_epoch:
+        horizon = budget.horizon_epochs(step, steps_per_epoch, loop_start, steps_done)
+        if schedule.fit_to_horizon(epoch, horizon, int(train_cfg.num_epochs)):
+          logging.info("The time budget allows about %.1f of %d epochs: LR milestones now at epochs %s",
+                       horizon, total_epochs, schedule.milestones)
       lr = schedule.begin_epoch(epoch)
       state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
       writer.write_scalars(step, {"learning_rate": lr, "epoch": epoch})

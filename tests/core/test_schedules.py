@@ -102,6 +102,37 @@ def test_multistep_and_constant():
   assert [constant.begin_epoch(e) for e in range(3)] == [0.5, 0.5, 0.5]
 
 
+def test_fitting_to_a_shorter_horizon_keeps_the_schedule_shape():
+  # 36 epochs planned with the drop at 30; the budget allows 15.4: the drop moves to round(30 * 15.4 / 36) = 13.
+  s = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(30,))
+  assert [s.begin_epoch(e) for e in range(3)] == [1.0] * 3
+  assert s.fit_to_horizon(3, 15.4, 36) and s.milestones == (13,)
+  assert [s.begin_epoch(e) for e in (12, 13, 20)] == [1.0, 0.1, 0.1]
+  # A longer horizon later never moves a milestone back, and a reached one stays: the LR does not rise again.
+  assert not s.fit_to_horizon(14, 36.0, 36) and s.milestones == (13,)
+  assert not s.fit_to_horizon(14, 3.0, 36) and s.begin_epoch(14) == pytest.approx(0.1)
+  # A horizon shorter than the epochs done drops the LR now, not in the past; milestones count after the warm-up.
+  w = schedules.EpochSchedule(1.0, kind="multistep", warmup_epochs=2, factor=0.1, milestones=(6, 7))
+  assert w.fit_to_horizon(3, 6.0, 8) and w.milestones == (3, 4)      # (6 - 2) / 8 of the run
+  assert [w.begin_epoch(e) for e in range(2, 8)] == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.01, 0.01])
+  assert not w.fit_to_horizon(6, 2.5, 8) and w.milestones == (3, 4)   # reached ones stay
+  late = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(6,))
+  assert late.fit_to_horizon(4, 1.0, 8) and late.milestones == (4,) and late.begin_epoch(4) == pytest.approx(0.1)
+  # Only multistep has milestones to move; a horizon beyond the plan changes nothing.
+  for kind in ("plateau", "constant"):
+    assert not schedules.EpochSchedule(1.0, kind=kind, milestones=(6,)).fit_to_horizon(1, 2.0, 8)
+  assert not schedules.EpochSchedule(1.0, kind="multistep", milestones=(6,)).fit_to_horizon(1, 40.0, 8)
+
+
+def test_moved_milestones_survive_a_resume_and_unmoved_ones_follow_the_config():
+  s = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(30,))
+  assert "milestones" not in s.state_dict()     # a resumed run with other lr_steps follows its config
+  s.fit_to_horizon(2, 12.0, 36)
+  resumed = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(30,))
+  resumed.load_state_dict(s.state_dict())
+  assert resumed.milestones == s.milestones == (10,) and resumed.begin_epoch(10) == pytest.approx(0.1)
+
+
 def test_state_round_trip_resumes_identically():
   aps = AP_SEQUENCE[:14]
   full = schedules.EpochSchedule(1e-3, kind="plateau", warmup_epochs=1, factor=0.3, patience=1, cooldown=1)

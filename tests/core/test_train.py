@@ -518,6 +518,22 @@ def test_checkpoints_without_an_evaluation_save_quietly_and_never_count_as_best(
   only.close()
 
 
+def test_a_time_budget_moves_the_lr_drop_into_the_epochs_that_fit(tmp_path, monkeypatch):
+  # 4 epochs planned, the drop after 3; the machine's pace (as the loop would measure it) lets 2 of them fit.
+  config = toy_config(num_epochs=4, warmup_epochs=0, schedule="multistep", lr_steps=(3,), lr_factor=0.1,
+                      time_budget_s=1e6, fit_schedule_to_budget=True, eval_every_epochs=4)
+  monkeypatch.setattr(train.TimeBudget, "horizon_epochs", lambda self, *args: 2.0)
+  train.train_and_evaluate(config, str(tmp_path / "fitted"))
+  state, meta, _ = final_state(str(tmp_path / "fitted"), config)
+  assert meta["schedule"]["milestones"] == [2]       # round(3 * 2 / 4)
+  assert schedules.get_learning_rate(state.opt_state) == pytest.approx(3e-4)
+  # Without the option the same pace leaves the schedule as configured.
+  config.train.fit_schedule_to_budget = False
+  train.train_and_evaluate(config, str(tmp_path / "plain"))
+  _, meta, _ = final_state(str(tmp_path / "plain"), config)
+  assert "milestones" not in meta["schedule"]
+
+
 def test_nan_loss_stops_naming_the_step(tmp_path):
   config = toy_config(num_epochs=1)
   config.toy.nan_at_batch = 5
