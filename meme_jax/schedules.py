@@ -106,7 +106,7 @@ class EpochSchedule:
     self.kind = kind
     self.warmup_epochs = int(warmup_epochs)
     self.factor = float(factor)
-    self.milestones = tuple(int(m) for m in milestones)
+    self.milestones = tuple(milestones)
     self.fitted = False         # whether fit_to_horizon moved a milestone
     # The original steps ReduceLROnPlateau(mode='min') with -AP; doing the same keeps the threshold identical
     # ('min' with 'rel' accepts AP > best * (1 - 1e-4), 'max' would need AP > best * (1 + 1e-4)).
@@ -127,19 +127,28 @@ class EpochSchedule:
       self.lr = self.base_lr
     return self.lr
 
-  def fit_to_horizon(self, epoch: int, horizon: float, num_epochs: int) -> bool:
-    """Before epoch `epoch` begins: the run is expected to end after `horizon` epochs (warm-up included, may be
-    fractional) instead of the planned `num_epochs` after the warm-up. Each multistep milestone not yet reached
-    moves to the same fraction of the shorter run, rounded to an epoch, never before `epoch` and never later
-    than it was. Reached milestones stay, so the LR never rises again. Returns whether a milestone moved."""
+  def fit_to_horizon(self, position: float, horizon: float, num_epochs: int) -> bool:
+    """The run, now `position` epochs into training (warm-up included, fractional), is expected to end at
+    `horizon` epochs instead of after the planned `num_epochs` past the warm-up. Each multistep milestone not yet
+    reached moves to the same fraction of the shorter run (a fractional epoch: `lr_within_epoch` applies it at
+    its step), never before `position` and never later than it was. Reached milestones stay, so the LR never
+    rises again. Returns whether a milestone moved."""
     if self.kind != "multistep" or num_epochs <= 0:
       return False
-    after = epoch - self.warmup_epochs
+    after = position - self.warmup_epochs
     fraction = min(1.0, max(0.0, horizon - self.warmup_epochs) / num_epochs)
-    moved = tuple(m if m <= after else min(m, max(after, math.floor(m * fraction + 0.5))) for m in self.milestones)
+    moved = tuple(m if m <= after else min(m, max(after, m * fraction)) for m in self.milestones)
     changed = moved != self.milestones
     self.milestones, self.fitted = moved, self.fitted or changed
     return changed
+
+  def lr_within_epoch(self, position: float) -> float:
+    """The LR at `position` epochs into training (fractional): `begin_epoch`'s at the start of an epoch; it
+    differs inside one only where `fit_to_horizon` moved a milestone there."""
+    if self.kind == "multistep" and position >= self.warmup_epochs:
+      after = position - self.warmup_epochs
+      self.lr = self.base_lr * self.factor ** sum(after >= m for m in self.milestones)
+    return self.lr
 
   def end_epoch(self, epoch: int, metric: Optional[float]) -> float:
     del epoch  # the LR of the next epoch depends only on the state
@@ -159,7 +168,7 @@ class EpochSchedule:
     self.lr = float(state["lr"])
     self.plateau.load_state_dict(state["plateau"])
     if "milestones" in state:
-      self.milestones, self.fitted = tuple(int(m) for m in state["milestones"]), True
+      self.milestones, self.fitted = tuple(float(m) for m in state["milestones"]), True
 
 
 def from_config(train) -> EpochSchedule:

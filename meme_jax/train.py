@@ -385,9 +385,9 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
       # After a whole epoch has shown this machine's pace: the epochs the budget allows reshape the schedule.
       if fit_schedule and steps_done >= steps_per_epoch:
         horizon = budget.horizon_epochs(step, steps_per_epoch, loop_start, steps_done)
-        if schedule.fit_to_horizon(epoch, horizon, int(train_cfg.num_epochs)):
-          logging.info("The time budget allows about %.1f of %d epochs: LR milestones now at epochs %s",
-                       horizon, total_epochs, schedule.milestones)
+        if schedule.fit_to_horizon(step / steps_per_epoch, horizon, int(train_cfg.num_epochs)):
+          logging.info("The time budget allows about %.2f of %d epochs: LR milestones now at epochs %s",
+                       horizon, total_epochs, ", ".join(f"{m:.2f}" for m in schedule.milestones))
       lr = schedule.begin_epoch(epoch)
       state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
       writer.write_scalars(step, {"learning_rate": lr, "epoch": epoch})
@@ -398,6 +398,10 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
         if budget.exhausted():
           stop = "time budget"
           break
+        if schedule.fitted and schedule.lr_within_epoch(step / steps_per_epoch) != lr:
+          lr = schedule.lr
+          state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
+          writer.write_scalars(step, {"learning_rate": lr})
         t = time.time()
         batch = parallel.host_to_global({k: v for k, v in next(data_iter).items() if k in task.batch_keys}, mesh)
         timing["data_wait_s"] += time.time() - t

@@ -103,21 +103,25 @@ def test_multistep_and_constant():
 
 
 def test_fitting_to_a_shorter_horizon_keeps_the_schedule_shape():
-  # 36 epochs planned with the drop at 30; the budget allows 15.4: the drop moves to round(30 * 15.4 / 36) = 13.
+  # 36 epochs planned with the drop at 30; the budget allows 15.4: the drop moves to 30 * 15.4 / 36 = 12.83.
   s = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(30,))
   assert [s.begin_epoch(e) for e in range(3)] == [1.0] * 3
-  assert s.fit_to_horizon(3, 15.4, 36) and s.milestones == (13,)
-  assert [s.begin_epoch(e) for e in (12, 13, 20)] == [1.0, 0.1, 0.1]
+  assert s.fit_to_horizon(3, 15.4, 36) and s.milestones == pytest.approx((12.8333,), abs=1e-4)
+  assert [s.begin_epoch(e) for e in (12, 13, 20)] == pytest.approx([1.0, 0.1, 0.1])
+  assert [s.lr_within_epoch(p) for p in (12.5, 12.84, 13.0)] == pytest.approx([1.0, 0.1, 0.1])
   # A longer horizon later never moves a milestone back, and a reached one stays: the LR does not rise again.
-  assert not s.fit_to_horizon(14, 36.0, 36) and s.milestones == (13,)
+  assert not s.fit_to_horizon(14, 36.0, 36) and s.milestones == pytest.approx((12.8333,), abs=1e-4)
   assert not s.fit_to_horizon(14, 3.0, 36) and s.begin_epoch(14) == pytest.approx(0.1)
-  # A horizon shorter than the epochs done drops the LR now, not in the past; milestones count after the warm-up.
+  # Milestones count after the warm-up, the horizon from the start of training.
   w = schedules.EpochSchedule(1.0, kind="multistep", warmup_epochs=2, factor=0.1, milestones=(6, 7))
-  assert w.fit_to_horizon(3, 6.0, 8) and w.milestones == (3, 4)      # (6 - 2) / 8 of the run
+  assert w.fit_to_horizon(3, 6.0, 8) and w.milestones == pytest.approx((3.0, 3.5))   # (6 - 2) / 8 of the run
   assert [w.begin_epoch(e) for e in range(2, 8)] == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.01, 0.01])
-  assert not w.fit_to_horizon(6, 2.5, 8) and w.milestones == (3, 4)   # reached ones stay
+  assert w.lr_within_epoch(5.25) == pytest.approx(0.1) and w.lr_within_epoch(5.5) == pytest.approx(0.01)
+  assert not w.fit_to_horizon(6, 2.5, 8) and w.milestones == pytest.approx((3.0, 3.5))   # reached ones stay
+  # A horizon shorter than the epochs done drops the LR now, not in the past.
   late = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(6,))
   assert late.fit_to_horizon(4, 1.0, 8) and late.milestones == (4,) and late.begin_epoch(4) == pytest.approx(0.1)
+  assert late.begin_epoch(3) == 1.0
   # Only multistep has milestones to move; a horizon beyond the plan changes nothing.
   for kind in ("plateau", "constant"):
     assert not schedules.EpochSchedule(1.0, kind=kind, milestones=(6,)).fit_to_horizon(1, 2.0, 8)
@@ -130,7 +134,7 @@ def test_moved_milestones_survive_a_resume_and_unmoved_ones_follow_the_config():
   s.fit_to_horizon(2, 12.0, 36)
   resumed = schedules.EpochSchedule(1.0, kind="multistep", factor=0.1, milestones=(30,))
   resumed.load_state_dict(s.state_dict())
-  assert resumed.milestones == s.milestones == (10,) and resumed.begin_epoch(10) == pytest.approx(0.1)
+  assert resumed.milestones == s.milestones == (10.0,) and resumed.begin_epoch(10) == pytest.approx(0.1)
 
 
 def test_state_round_trip_resumes_identically():

@@ -525,7 +525,7 @@ def test_a_time_budget_moves_the_lr_drop_into_the_epochs_that_fit(tmp_path, monk
   monkeypatch.setattr(train.TimeBudget, "horizon_epochs", lambda self, *args: 2.0)
   train.train_and_evaluate(config, str(tmp_path / "fitted"))
   state, meta, _ = final_state(str(tmp_path / "fitted"), config)
-  assert meta["schedule"]["milestones"] == [2]       # round(3 * 2 / 4)
+  assert meta["schedule"]["milestones"] == [1.5]     # 3 * 2 / 4: inside epoch 1, from step 6 (4 per epoch)
   assert schedules.get_learning_rate(state.opt_state) == pytest.approx(3e-4)
   # Without the option the same pace leaves the schedule as configured.
   config.train.fit_schedule_to_budget = False
