@@ -107,6 +107,7 @@ class EpochSchedule:
     self.warmup_epochs = int(warmup_epochs)
     self.factor = float(factor)
     self.milestones = tuple(milestones)
+    self.planned_milestones = self.milestones   # as configured; fit_to_horizon scales these, not moved ones
     self.fitted = False         # whether fit_to_horizon moved a milestone
     # The original steps ReduceLROnPlateau(mode='min') with -AP; doing the same keeps the threshold identical
     # ('min' with 'rel' accepts AP > best * (1 - 1e-4), 'max' would need AP > best * (1 + 1e-4)).
@@ -130,14 +131,16 @@ class EpochSchedule:
   def fit_to_horizon(self, position: float, horizon: float, num_epochs: int) -> bool:
     """The run, now `position` epochs into training (warm-up included, fractional), is expected to end at
     `horizon` epochs instead of after the planned `num_epochs` past the warm-up. Each multistep milestone not yet
-    reached moves to the same fraction of the shorter run (a fractional epoch: `lr_within_epoch` applies it at
-    its step), never before `position` and never later than it was. Reached milestones stay, so the LR never
-    rises again. Returns whether a milestone moved."""
+    reached goes to the same fraction of the shorter run as planned (a fractional epoch: `lr_within_epoch`
+    applies it at its step), never before `position` and never later than configured; a later, better estimate
+    of the horizon replaces an earlier one. Reached milestones stay, so the LR never rises again. Returns
+    whether a milestone moved."""
     if self.kind != "multistep" or num_epochs <= 0:
       return False
     after = position - self.warmup_epochs
     fraction = min(1.0, max(0.0, horizon - self.warmup_epochs) / num_epochs)
-    moved = tuple(m if m <= after else min(m, max(after, m * fraction)) for m in self.milestones)
+    moved = tuple(m if m <= after else max(after, p * fraction)
+                  for m, p in zip(self.milestones, self.planned_milestones))
     changed = moved != self.milestones
     self.milestones, self.fitted = moved, self.fitted or changed
     return changed

@@ -109,7 +109,12 @@ def test_fitting_to_a_shorter_horizon_keeps_the_schedule_shape():
   assert s.fit_to_horizon(3, 15.4, 36) and s.milestones == pytest.approx((12.8333,), abs=1e-4)
   assert [s.begin_epoch(e) for e in (12, 13, 20)] == pytest.approx([1.0, 0.1, 0.1])
   assert [s.lr_within_epoch(p) for p in (12.5, 12.84, 13.0)] == pytest.approx([1.0, 0.1, 0.1])
-  # A longer horizon later never moves a milestone back, and a reached one stays: the LR does not rise again.
+  # Each estimate scales the configured milestones (repeated estimates do not compound), up to the configured
+  # ones; a reached milestone stays, so the LR never rises again.
+  assert not s.fit_to_horizon(4, 15.4, 36) and s.milestones == pytest.approx((12.8333,), abs=1e-4)
+  assert s.fit_to_horizon(5, 18.0, 36) and s.milestones == pytest.approx((15.0,))
+  assert s.fit_to_horizon(6, 50.0, 36) and s.milestones == (30,)
+  assert s.fit_to_horizon(6, 15.4, 36) and s.milestones == pytest.approx((12.8333,), abs=1e-4)
   assert not s.fit_to_horizon(14, 36.0, 36) and s.milestones == pytest.approx((12.8333,), abs=1e-4)
   assert not s.fit_to_horizon(14, 3.0, 36) and s.begin_epoch(14) == pytest.approx(0.1)
   # Milestones count after the warm-up, the horizon from the start of training.
