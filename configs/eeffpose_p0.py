@@ -79,8 +79,10 @@ def synthetic(config: ml_collections.ConfigDict) -> None:
   Result:   COCO AP (pycocotools, GT boxes, flip test) on the 64 validation persons, printed with the mean-pose
             baseline (about 0.01 AP) and written to DIR/summary.json.
             Measured in a clean environment on a 2-core machine: AP 0.2865 (29.4x the baseline, 0.0097) after all
-            280 steps, 511 s for the command (60 s compile, 408 s training, 17 s evaluation). The time budget ends a
-            run on a slower machine early: after the LR drop (step 210) the AP was 0.281 at step 245.
+            280 steps, 511 s for the command (60 s compile, 408 s training, 17 s evaluation). On a 2-core machine
+            2.2x slower the time budget ends training after 77 steps: AP 0.0875 in 556 s (195 s compile, 277 s
+            training, 31 s evaluation), the LR drop moved to epoch 1.49 by `train.fit_schedule_to_budget` (0.0607
+            after 70 steps without it).
 
   The architecture is P0's (9,007,292 parameters). What makes it fit: a 64x48 input (heatmaps 16x12, sigma 1.5), a
   sixteenth of the original 256x192 per step; the host CPU as two data-parallel devices, one core each, with
