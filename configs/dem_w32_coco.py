@@ -19,7 +19,8 @@ Args (after ':'):
               `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU: AP 0.0685
               (AP .5 0.44, AR .5 0.64) on the 32 validation images in 666 s (48 s compile, 578 s training, 19 s
               evaluation). On a 2-core machine 2.2x slower the budget ends it after 496 steps, the LR drop moved
-              to epoch 13.3 (`train.fit_schedule_to_budget`): AP 0.0026. The codec's upper bound is 0.88. `python -m meme_jax.bottomup.benchmark --stages --checkpoint DIR/checkpoints/STEP --config
+              to epoch 13.3 (`train.fit_schedule_to_budget`): AP 0.0026. The codec's upper bound is 0.88.
+              `python -m meme_jax.bottomup.benchmark --stages --checkpoint DIR/checkpoints/STEP --config
               configs/dem_w32_coco.py:synthetic` says where the rest is lost: the heatmaps' peaks are not yet
               precise (AP .75 is 0 even with ideal offsets and tags).
 """
