@@ -143,17 +143,18 @@ def local_copy(tree: Any) -> Any:
   return jax.tree.map(local_value, tree)
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when `flag` is true on at least one (a small all-gather; no-op with one process)."""
+def _every_process(value, dtype) -> np.ndarray:
+  """Every process's scalar `value`, on every process (a small all-gather; no communication with one process)."""
   if jax.process_count() == 1:
-    return bool(flag)
-  flags = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
-  return bool(np.asarray(flags).max())
+    return np.asarray([value], dtype)
+  return np.asarray(multihost_utils.process_allgather(np.asarray([value], dtype))).reshape(-1)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one."""
+  return bool(_every_process(int(flag), np.int32).max())
 
 
 def min_over_processes(value: float) -> float:
-  """The smallest of every process's `value`, on every process (no-op with one process)."""
-  if jax.process_count() == 1:
-    return float(value)
-  values = multihost_utils.process_allgather(np.asarray([value], np.float64))
-  return float(np.asarray(values).min())
+  """The smallest of every process's `value`, on every process."""
+  return float(_every_process(value, np.float64).min())

@@ -122,8 +122,7 @@ class EpochSchedule:
     if epoch < self.warmup_epochs:
       self.lr = self.warmup_lr(epoch)
     elif self.kind == "multistep":
-      after = epoch - self.warmup_epochs
-      self.lr = self.base_lr * self.factor ** sum(after >= m for m in self.milestones)
+      self.lr = self._multistep_lr(epoch)
     elif self.kind == "constant" or epoch == self.warmup_epochs:
       self.lr = self.base_lr
     return self.lr
@@ -149,9 +148,12 @@ class EpochSchedule:
     """The LR at `position` epochs into training (fractional): `begin_epoch`'s at the start of an epoch; it
     differs inside one only where `fit_to_horizon` moved a milestone there."""
     if self.kind == "multistep" and position >= self.warmup_epochs:
-      after = position - self.warmup_epochs
-      self.lr = self.base_lr * self.factor ** sum(after >= m for m in self.milestones)
+      self.lr = self._multistep_lr(position)
     return self.lr
+
+  def _multistep_lr(self, position: float) -> float:
+    after = position - self.warmup_epochs
+    return self.base_lr * self.factor ** sum(after >= m for m in self.milestones)
 
   def end_epoch(self, epoch: int, metric: Optional[float]) -> float:
     del epoch  # the LR of the next epoch depends only on the state

@@ -398,7 +398,7 @@ def _train(config, workdir: str, task: Task, mesh, writer, tensorboard, wall_sta
         if budget.exhausted():
           stop = "time budget"
           break
-        if schedule.fitted and schedule.lr_within_epoch(step / steps_per_epoch) != lr:
+        if schedule.lr_within_epoch(step / steps_per_epoch) != lr:    # a milestone the budget moved here
           lr = schedule.lr
           state = state.replace(opt_state=schedules.set_learning_rate(state.opt_state, lr))
           writer.write_scalars(step, {"learning_rate": lr})
