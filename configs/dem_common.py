@@ -31,9 +31,11 @@ WIDTHS = {32: (32, 64, 128, 256), 48: (48, 96, 192, 384)}
 
 
 def hrnet_stages(width: int, num_blocks: int = 4, stage_modules: Tuple[int, int, int] = (1, 4, 3)):
-  """`MODEL.EXTRA.STAGE2/3/4` of HRNet-W`width` (BasicBlocks, SUM fuse)."""
+  """`MODEL.EXTRA.STAGE2/3/4` of HRNet-W`width` (BasicBlocks, SUM fuse), and `stage1` (`layer1`), which the
+  original fixes at 4 Bottlenecks of 64 planes and mmpose's `extra.stage1` names."""
   channels = WIDTHS[width]
-  stages = {}
+  stages = {"stage1": ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(4,), num_channels=(64,),
+                                                     block="bottleneck"))}
   for s, modules in zip((2, 3, 4), stage_modules):
     stages[f"stage{s}"] = ml_collections.ConfigDict(dict(
         num_modules=modules, num_blocks=(num_blocks,) * (s), num_channels=tuple(channels[:s]), block="basic"))
@@ -222,6 +224,8 @@ def build(name: str, dataset: str, width: int, input_size: int, batch_size: int,
 def tiny(config: ml_collections.ConfigDict, input_size: int = 128) -> None:
   """The shrunken backbone of `shared/reference/dem_tiny_coco` (708,610 parameters with COCO heads)."""
   config.name += "_tiny"
+  config.model.stage1 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(4,), num_channels=(64,),
+                                                       block="bottleneck"))
   config.model.stage2 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(1, 1), num_channels=(8, 16),
                                                        block="basic"))
   config.model.stage3 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(1, 1, 1),
@@ -234,9 +238,18 @@ def tiny(config: ml_collections.ConfigDict, input_size: int = 128) -> None:
 
 
 def synthetic(config: ml_collections.ConfigDict) -> None:
-  """A short run of the tiny model on the built-in synthetic multi-person dataset (COCO joints), for a 2-core CPU."""
+  """A short run of a small HRNet on the built-in synthetic multi-person dataset (COCO joints), for a 2-core CPU."""
   tiny(config, input_size=128)
   config.name = config.name.replace("_tiny", "_synthetic")
+  # Twice the tiny model's widths, paid for by a layer1 of one Bottleneck in place of four (1,509,098 parameters).
+  # The tiny widths feed 17 joints, their tags and their offsets from 8 features per pixel (2 in the heads'
+  # Bottleneck stems): trained as below they score AP 0.07 where these widths score 0.33 in the same 15 minutes
+  # (a 0.84 s train step at batch 8 where the tiny model's with four Bottlenecks takes 1.04 s and one 0.40 s).
+  config.model.stage1.num_blocks = (1,)
+  config.model.stage2.num_channels = (16, 32)
+  config.model.stage3.num_channels = (16, 32, 64)
+  config.model.stage4.num_channels = (16, 32, 64, 128)
+  config.model.deconv.num_channels = (16,)
   common.synthetic_data(config, "data/synthetic", train_images=256, val_images=32)
   # A short run learns far faster with milder augmentation than the 300-epoch recipe's (rotation 30, scale
   # 0.75-1.5, shift 40): on held-out images the centre heatmap finds 59-80% of the people after 400 steps at 64x64

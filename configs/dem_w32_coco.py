@@ -13,16 +13,17 @@ Commands:
 
 Args (after ':'):
   'tiny'      the shrunken backbone of shared/reference/dem_tiny_coco (708,610 parameters), 128x128 input, COCO data.
-  'synthetic' the tiny model on the built-in synthetic dataset at 128x128: 36 epochs of 256 images (1116 steps of
-              8) with milder augmentation at 3x the LR, the tags trained with the 'max' push loss at 10x the
-              recipe's factor, LR x0.1 for the last 6 epochs, one evaluation at the end (flip test), and
-              `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU: AP 0.0685
-              (AP .5 0.44, AR .5 0.64) on the 32 validation images in 666 s (48 s compile, 578 s training, 19 s
-              evaluation). On a 2-core machine 2.2x slower the budget ends it after 496 steps, the LR drop moved
-              to epoch 13.3 (`train.fit_schedule_to_budget`): AP 0.0026. The codec's upper bound is 0.88.
-              `python -m meme_jax.bottomup.benchmark --stages --checkpoint DIR/checkpoints/STEP --config
-              configs/dem_w32_coco.py:synthetic` says where the rest is lost: the heatmaps' peaks are not yet
-              precise (AP .75 is 0 even with ideal offsets and tags).
+  'synthetic' a small HRNet (the tiny model at twice its widths with a layer1 of one Bottleneck; 1,509,098
+              parameters) on the built-in synthetic dataset at 128x128: 36 epochs of 256 images (1116 steps of 8)
+              with milder augmentation at 3x the LR, the tags trained with the 'max' push loss at 10x the recipe's
+              factor, LR x0.1 for the last 6 epochs, one evaluation at the end (flip test), and
+              `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU (AVX2 only,
+              0.84 s a step at batch 8) the budget ends training after 932 steps, the LR drop moved to epoch 25.3
+              (`train.fit_schedule_to_budget`): AP 0.334 (AP .5 0.80, AP .75 0.17, AR 0.38) on the 32 validation
+              images in 844 s (63 s compile, 735 s training, 28 s evaluation). With the tiny model's widths the same
+              run scores AP 0.0665 (layer1 of one Bottleneck, all 1116 steps in 703 s) or 0.0026 (four, 496 steps).
+              The codec's upper bound is 0.88. `python -m meme_jax.bottomup.benchmark --stages --checkpoint
+              DIR/checkpoints/STEP --config configs/dem_w32_coco.py:synthetic` says where the rest is lost.
 """
 import ml_collections
 

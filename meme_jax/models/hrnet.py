@@ -249,22 +249,31 @@ class StageSpec:
 
 @dataclasses.dataclass(frozen=True)
 class HRNetSpec:
-  """The three multi-branch stages of HRNet (stage 1 is always 4 Bottlenecks of 64 planes)."""
+  """The stages of HRNet: `stage1` (`layer1`, one branch) and the three multi-branch stages."""
   stage2: StageSpec
   stage3: StageSpec
   stage4: StageSpec
+  # The original's layer1, fixed there: 4 Bottlenecks of 64 planes (256 channels out).
+  stage1: StageSpec = StageSpec(1, (4,), (64,), "bottleneck")
+
+  def __post_init__(self):
+    if self.stage1.num_modules != 1 or len(self.stage1.num_blocks) != 1:
+      raise ValueError(f"stage1 {self.stage1}: one module with one branch expected (HRNet's layer1)")
 
   @classmethod
   def from_config(cls, model_config) -> "HRNetSpec":
-    """Reads `config.model.stage2/stage3/stage4.{num_modules, num_blocks, num_channels[, block]}`."""
-    stages = []
-    for name in ("stage2", "stage3", "stage4"):
+    """Reads `config.model.stage2/stage3/stage4.{num_modules, num_blocks, num_channels[, block]}` and the optional
+    `config.model.stage1` (as mmpose's `extra.stage1`; absent = the original's layer1)."""
+    stages = {}
+    for name in ("stage1", "stage2", "stage3", "stage4"):
       if name not in model_config:
+        if name == "stage1":
+          continue
         raise KeyError(f"config.model.{name} is missing (needs num_modules, num_blocks, num_channels)")
       s = model_config[name]
-      stages.append(StageSpec(int(s.num_modules), tuple(int(b) for b in s.num_blocks),
-                              tuple(int(c) for c in s.num_channels), str(s.get("block", "basic"))))
-    return cls(*stages)
+      stages[name] = StageSpec(int(s.num_modules), tuple(int(b) for b in s.num_blocks),
+                               tuple(int(c) for c in s.num_channels), str(s.get("block", "basic")))
+    return cls(**stages)
 
 
 def _transition(name: str, prev_outputs: List[jax.Array], cur_channels: Sequence[int], o: LayerOptions,
@@ -299,7 +308,7 @@ def higher_hrnet_features(x, spec: HRNetSpec, options: LayerOptions, *, train: b
                           multi_scale_output: bool = False) -> List[jax.Array]:
   """The HRNet backbone, creating its layers in the calling module's scope (call it from a compact method).
 
-  stem (two 3x3 stride-2 convs, 64 ch) -> layer1 (4 Bottlenecks, 256 ch) -> transition1 -> stage2 -> transition2 ->
+  stem (two 3x3 stride-2 convs, 64 ch) -> layer1 (`spec.stage1`; the original's 4 Bottlenecks, 256 ch) -> transition1 -> stage2 -> transition2 ->
   stage3 -> transition3 -> stage4. With `multi_scale_output` False (HigherHRNet / DEM) the last stage-4 module
   fuses into branch 0 only and the result is `[y0]` (1/4 resolution); with True all four branches are returned.
   """
@@ -309,8 +318,9 @@ def higher_hrnet_features(x, spec: HRNetSpec, options: LayerOptions, *, train: b
   x = x.astype(o.dtype)
   x = nn.relu(o.bn(name="bn1")(o.conv(64, 3, 2, in_features=x.shape[-1], name="conv1")(x), use_running_average=ra))
   x = nn.relu(o.bn(name="bn2")(o.conv(64, 3, 2, in_features=64, name="conv2")(x), use_running_average=ra))
-  for k in range(4):
-    x = Bottleneck(64, options=o, name=f"layer1_{k}")(x, train)
+  block = _block(spec.stage1.block)
+  for k in range(spec.stage1.num_blocks[0]):
+    x = block(spec.stage1.num_channels[0], options=o, name=f"layer1_{k}")(x, train)
   ys = [x]
   for s, (stage_name, stage) in enumerate((("stage2", spec.stage2), ("stage3", spec.stage3),
                                            ("stage4", spec.stage4))):

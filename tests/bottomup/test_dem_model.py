@@ -11,6 +11,7 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -102,6 +103,32 @@ def test_parameter_count_crowdpose_w48():
     config.model[field] = w48.model[field]
   config.data.image_size = (64, 64)
   assert _param_count(convert.variable_shapes(config)) == 64_074_117
+
+
+def test_stage1_sets_layer1():
+  """`model.stage1` shapes layer1 as mmpose's `extra.stage1`; absent, it is the original's 4 Bottlenecks of 64."""
+  config = meme_jax.load_config(TINY)
+  config.data.image_size = (64, 64)
+  config.model.stage1.num_blocks = (1,)
+  model = build_model(config)
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))["params"]
+  assert [k for k in params if k.startswith("layer1")] == ["layer1_0"]
+  # Each dropped Bottleneck(64) of 256 channels in and out: 1x1 256->64, 3x3 64->64, 1x1 64->256, BN scale+bias.
+  dropped = 256 * 64 + 9 * 64 * 64 + 64 * 256 + 2 * (64 + 64 + 256)
+  assert _param_count({"params": {p: v.shape for p, v in _flatten(params).items()}}) == 708_610 - 3 * dropped
+
+  config.model.stage1 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(2,), num_channels=(16,),
+                                                       block="basic"))
+  layer1 = jax.eval_shape(lambda x: build_model(config).init(jax.random.PRNGKey(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))["params"]["layer1_0"]
+  assert layer1["conv1"]["kernel"].shape == (3, 3, 64, 16) and layer1["downsample_0"]["kernel"].shape[-1] == 16
+
+  del config.model["stage1"]
+  assert hrnet.HRNetSpec.from_config(config.model).stage1 == hrnet.StageSpec(1, (4,), (64,), "bottleneck")
+  with pytest.raises(ValueError, match="one branch"):
+    hrnet.HRNetSpec(config.model.stage2, config.model.stage3, config.model.stage4,
+                    stage1=hrnet.StageSpec(1, (1, 1), (8, 16), "basic"))
 
 
 @pytest.mark.parametrize("spec, shapes", [
@@ -382,7 +409,7 @@ def test_config_recipe():
     assert config.test.scale_factors == (0.5, 1.0, 2.0), spec
   synthetic = meme_jax.load_config("configs/dem_w32_coco.py:synthetic")
   assert synthetic.data.dataset == "synthetic" and synthetic.data.image_size == (128, 128)
-  assert synthetic.model.stage4.num_channels == (8, 16, 32, 64)
+  assert synthetic.model.stage4.num_channels == (16, 32, 64, 128) and synthetic.model.stage1.num_blocks == (1,)
   with pytest.raises(ValueError, match="unknown config argument"):
     meme_jax.load_config("configs/dem_w32_coco.py:w64")
 

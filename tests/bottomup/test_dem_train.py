@@ -1,4 +1,4 @@
-"""The real DEM network (the tiny HRNet of configs/dem_w32_coco.py:synthetic at 64x64) trained through the shared
+"""The real DEM network (the reference's tiny HRNet at 64x64, with the recipe of configs/dem_w32_coco.py:synthetic) trained through the shared
 trainer on the built-in synthetic people: the loss falls well below that of predicting nothing, and on held-out
 images the heatmap peaks sit on the people.
 

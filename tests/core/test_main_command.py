@@ -244,12 +244,20 @@ def test_imagenet_hrnet_backbone_through_main(tmp_path, cache_dir):
   imagenet = fake_imagenet_hrnet(sd)
   torch.save({"state_dict": {"module." + k: v for k, v in imagenet.items()}}, tmp_path / "hrnet_w32-36af842e.pth")
 
+  # The synthetic job on the reference's backbone shape, which the fake ImageNet checkpoint has.
   config = meme_jax.load_config("configs/dem_w32_coco.py:synthetic")
+  tiny = meme_jax.load_config("configs/dem_w32_coco.py:tiny").model
+  shape = {f"model.{stage}.{field}": tiny[stage][field] for stage in ("stage1", "stage2", "stage3", "stage4", "deconv")
+           for field in ("num_blocks", "num_channels") if field in tiny[stage]}
+  for key, value in shape.items():
+    section, field = key.split(".")[1:]
+    config.model[section][field] = value
   config.init.backbone = str(tmp_path / "hrnet_w32-36af842e.pth")
   workdir = tmp_path / "workdir"
   args = ["python", "-m", "meme_jax.main", "--config", "configs/dem_w32_coco.py:synthetic", "--workdir", str(workdir),
           f"--config.init.backbone={config.init.backbone}", "--config.train.lr=0.0", "--config.train.num_epochs=1",
           "--config.train.steps_per_epoch=1", "--config.train.eval_every_epochs=1", "--config.train.time_budget_s=0"]
+  args += [f"--config.{key}={tuple(value)}" for key, value in shape.items()]
   proc = run_main(args, tmp_path, cache_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   backbone = {k: v for k, v in sd.items() if not k.startswith(HRNET_HEAD_PREFIXES)}
