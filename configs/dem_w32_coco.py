@@ -20,7 +20,8 @@ Args (after ':'):
               `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU (AVX2 only,
               0.84 s a step at batch 8) the budget ends training after 932 steps, the LR drop moved to epoch 25.3
               (`train.fit_schedule_to_budget`): AP 0.334 (AP .5 0.80, AP .75 0.17, AR 0.38) on the 32 validation
-              images in 844 s (63 s compile, 735 s training, 28 s evaluation). With the tiny model's widths the same
+              images in 844 s (63 s compile, 735 s training, 28 s evaluation); on the same machine running 15%
+              slower, 803 steps and AP 0.269 in 848 s. With the tiny model's widths the same
               run scores AP 0.0665 (layer1 of one Bottleneck, all 1116 steps in 703 s) or 0.0026 (four, 496 steps).
               The codec's upper bound is 0.88. `python -m meme_jax.bottomup.benchmark --stages --checkpoint
               DIR/checkpoints/STEP --config configs/dem_w32_coco.py:synthetic` says where the rest is lost.
