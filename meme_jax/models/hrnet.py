@@ -308,7 +308,8 @@ def higher_hrnet_features(x, spec: HRNetSpec, options: LayerOptions, *, train: b
                           multi_scale_output: bool = False) -> List[jax.Array]:
   """The HRNet backbone, creating its layers in the calling module's scope (call it from a compact method).
 
-  stem (two 3x3 stride-2 convs, 64 ch) -> layer1 (`spec.stage1`; the original's 4 Bottlenecks, 256 ch) -> transition1 -> stage2 -> transition2 ->
+  stem (two 3x3 stride-2 convs, 64 ch) -> layer1 (`spec.stage1`; the original's 4 Bottlenecks, 256 ch) ->
+  transition1 -> stage2 -> transition2 ->
   stage3 -> transition3 -> stage4. With `multi_scale_output` False (HigherHRNet / DEM) the last stage-4 module
   fuses into branch 0 only and the result is `[y0]` (1/4 resolution); with True all four branches are returned.
   """

@@ -1,5 +1,5 @@
-"""The real DEM network (the reference's tiny HRNet at 64x64, with the recipe of configs/dem_w32_coco.py:synthetic) trained through the shared
-trainer on the built-in synthetic people: the loss falls well below that of predicting nothing, and on held-out
+"""The real DEM network (the reference's tiny HRNet at 64x64, with the recipe of configs/dem_w32_coco.py:synthetic)
+trained through the shared trainer on the built-in synthetic people: the loss falls well below that of predicting nothing, and on held-out
 images the heatmap peaks sit on the people.
 
 "Finds a person" is judged against the annotations alone: in each heatmap channel, take as many peaks as the image
