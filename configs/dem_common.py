@@ -30,12 +30,16 @@ MPII_TO_OUR_ORDER = (13, 12, 14, 11, 15, 10, 3, 2, 4, 1, 5, 0, 6, 7, 8, 9)
 WIDTHS = {32: (32, 64, 128, 256), 48: (48, 96, 192, 384)}
 
 
+def original_layer1() -> ml_collections.ConfigDict:
+  """HRNet's `layer1` as a `stage1` section: 4 Bottlenecks of 64 planes (256 channels out)."""
+  return ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(4,), num_channels=(64,), block="bottleneck"))
+
+
 def hrnet_stages(width: int, num_blocks: int = 4, stage_modules: Tuple[int, int, int] = (1, 4, 3)):
   """`MODEL.EXTRA.STAGE2/3/4` of HRNet-W`width` (BasicBlocks, SUM fuse), and `stage1` (`layer1`), which the
   original fixes at 4 Bottlenecks of 64 planes and mmpose's `extra.stage1` names."""
   channels = WIDTHS[width]
-  stages = {"stage1": ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(4,), num_channels=(64,),
-                                                     block="bottleneck"))}
+  stages = {"stage1": original_layer1()}
   for s, modules in zip((2, 3, 4), stage_modules):
     stages[f"stage{s}"] = ml_collections.ConfigDict(dict(
         num_modules=modules, num_blocks=(num_blocks,) * (s), num_channels=tuple(channels[:s]), block="basic"))
@@ -224,8 +228,7 @@ def build(name: str, dataset: str, width: int, input_size: int, batch_size: int,
 def tiny(config: ml_collections.ConfigDict, input_size: int = 128) -> None:
   """The shrunken backbone of `shared/reference/dem_tiny_coco` (708,610 parameters with COCO heads)."""
   config.name += "_tiny"
-  config.model.stage1 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(4,), num_channels=(64,),
-                                                       block="bottleneck"))
+  config.model.stage1 = original_layer1()
   config.model.stage2 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(1, 1), num_channels=(8, 16),
                                                        block="basic"))
   config.model.stage3 = ml_collections.ConfigDict(dict(num_modules=1, num_blocks=(1, 1, 1),
