@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from meme_jax.models.layers import BatchNorm
+from meme_jax.models.transposed_conv import ConvTranspose
 
 FUSE_UPSAMPLE = ("bilinear", "nearest")
 INITS = ("torch", "normal")
@@ -72,11 +73,11 @@ class LayerOptions:
                    use_bias=use_bias, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
                    bias_init=bias_init, name=name)
 
-  def conv_transpose(self, features: int, kernel: int, *, name: str) -> nn.ConvTranspose:
+  def conv_transpose(self, features: int, kernel: int, *, name: str) -> ConvTranspose:
     """ConvTranspose2d(kernel, stride 2, bias=False) with the original's padding (kernel 4: p 1; 3: p 1 + output
     padding 1; 2: p 0), so the output is exactly twice the input size.
 
-    `transpose_kernel=True` makes the kernel layout (kh, kw, out, in), which is the PyTorch (in, out, kh, kw) weight
+    The kernel layout is (kh, kw, out, in), flax's `transpose_kernel=True`: the PyTorch (in, out, kh, kw) weight
     after the converter's single OIHW->HWIO transpose. PyTorch computes this weight's fan-in from its dimension 1
     (the output channels), and so does the variance-scaling initialiser on this layout.
     """
@@ -86,9 +87,8 @@ class LayerOptions:
       kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1)
     else:
       kernel_init = nn.initializers.normal(0.001)
-    return nn.ConvTranspose(features, (kernel, kernel), strides=(2, 2), padding=((lo, lo + out_pad),) * 2,
-                            use_bias=False, transpose_kernel=True, dtype=self.dtype, param_dtype=jnp.float32,
-                            kernel_init=kernel_init, name=name)
+    return ConvTranspose(features, kernel, 2, ((lo, lo + out_pad),) * 2, kernel_init=kernel_init, dtype=self.dtype,
+                         param_dtype=jnp.float32, name=name)
 
   def bn(self, *, name: str) -> BatchNorm:
     """BatchNorm2d(eps 1e-5, torch momentum 0.1)."""
