@@ -4,9 +4,9 @@ The forward pass is XLA's input-dilated convolution, the same program as `flax.l
 writes its kernel gradient as a convolution of the input with the output gradient, dilated by the stride and with
 a window as large as the input (32x32 at the synthetic DEM job's shapes). XLA's CPU backend has no fast path for
 that: in the DEM synthetic train step (2 cores, batch 8, 128x128) the two deconvolutions' kernel gradients were
-the two longest operations, 170 ms of an 830 ms step. Each kernel tap's gradient is only the product of the input with one stride-strided slice
-of the output gradient, so on CPU the k*k taps are computed as a single matrix product, (N*H*W, C_in) by
-(N*H*W, k*k*C_out), and the step takes 0.72 s. The input gradient is autodiff's, a strided convolution, which
+the two longest operations, 170 ms of an 830 ms step. Each kernel tap's gradient is only the product of the
+input with one strided slice of the output gradient, so on CPU the k*k taps are computed as a single matrix
+product, (N*H*W, C_in) by (N*H*W, k*k*C_out), and the step takes 0.72 s. The input gradient is autodiff's, a strided convolution, which
 XLA runs well. (The same product for ordinary convolutions, whose taps are slices of the input, doubled the step's
 temporaries and made it slower.)
 
