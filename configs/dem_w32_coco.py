@@ -18,10 +18,11 @@ Args (after ':'):
               with milder augmentation at 3x the LR, the tags trained with the 'max' push loss at 10x the recipe's
               factor, LR x0.1 for the last 6 epochs, one evaluation at the end (flip test), and
               `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU (AVX2 only,
-              0.84 s a step at batch 8) the budget ends training after 932 steps, the LR drop moved to epoch 25.3
-              (`train.fit_schedule_to_budget`): AP 0.334 (AP .5 0.80, AP .75 0.17, AR 0.38) on the 32 validation
-              images in 844 s (63 s compile, 735 s training, 28 s evaluation); on the same machine running 15%
-              slower, 803 steps and AP 0.269 in 848 s. With the tiny model's widths the same
+              0.72 s a step at batch 8 in the benchmark, 0.87 s in the job) the budget ends training after 831
+              steps, the LR drop moved to epoch 22.6 (`train.fit_schedule_to_budget`): AP 0.290 (AP .5 0.76, AP .75
+              0.11, AR 0.35) on the 32 validation images in 847 s (69 s compile, 722 s training, 28 s evaluation),
+              in a new environment on a clean clone. On other days the same machine gave 932 steps and AP 0.334,
+              or 803 and AP 0.269 (with a 0.84 s step). With the tiny model's widths the same
               run scores AP 0.0665 (layer1 of one Bottleneck, all 1116 steps in 703 s) or 0.0026 (four, 496 steps).
               The codec's upper bound is 0.88. `python -m meme_jax.bottomup.benchmark --stages --checkpoint
               DIR/checkpoints/STEP --config configs/dem_w32_coco.py:synthetic` says where the rest is lost.

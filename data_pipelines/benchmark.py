@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from data_pipelines import topdown
 from meme_jax import config as config_lib
+from meme_jax import tasks
 
 FLAGS = flags.FLAGS
 # The original PyTorch pipeline (HRNet JointsDataset + DataLoader) on one core of the 2-core CI machine type, on the
@@ -103,6 +104,9 @@ def measure_train_pipeline(config, num_workers: int, num_samples: int, *, batch_
   """Pulls `num_samples` training samples through `train_loader(config)` with `num_workers` workers (0: all in this
   process) and returns JSON-able figures: samples_per_s (wall), cpu_seconds (all the pipeline's processes),
   samples_per_cpu_s (per core), per_worker (samples_per_s / workers), speedup over the original's 169/s/core."""
+  if tasks.model_family(config) != "topdown":
+    raise ValueError(f"config {config.get('name', '?')!r} is a {tasks.model_family(config) or 'non-top-down'} "
+                     "model: the input-pipeline benchmark measures the top-down (person crop) pipeline only")
   batch_size = int(batch_size or config.train.batch_size)
   records = topdown.load_records(config, "train")
   loader = topdown.train_loader(config, seed=0, shard_index=0, shard_count=1, batch_size_per_process=batch_size,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from meme_jax.codecs.dem import JointGroups
+from meme_jax.models import transposed_conv
 from meme_jax.models.hrnet import BasicBlock, Bottleneck, HRNetSpec, LayerOptions, higher_hrnet_features
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -89,7 +90,8 @@ def build_dem(config) -> DEM:
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={dtype!r}: expected one of {tuple(DTYPES)}")
   bn_group_size = int(config.train.get("bn_group_size", 0)) if "train" in config else 0
-  options = LayerOptions(dtype=DTYPES[dtype], bn_group_size=bn_group_size, init=str(m.get("init", "torch")))
+  options = LayerOptions(dtype=DTYPES[dtype], bn_group_size=bn_group_size, init=str(m.get("init", "torch")),
+                         conv_transpose_impl=transposed_conv.check_impl("auto", m.get("target_platform", "")))
   return DEM(spec=HRNetSpec.from_config(m), num_joints=int(m.num_joints), num_offsets=num_offsets,
              with_center=bool(m.get("with_center", True)), deconv_channels=deconv_channels[0],
              num_basic_blocks=int(m.deconv.num_basic_blocks), fuse_upsample=str(m.get("fuse_upsample", "bilinear")),

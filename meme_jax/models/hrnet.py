@@ -51,10 +51,12 @@ class LayerOptions:
   init: 'torch' = PyTorch's default initialisation (what the released double-embedding training ran: its script
     builds the model with is_train=False, which skips `init_weights`); 'normal' = upstream `init_weights`: conv
     weights N(0, 0.001^2), biases 0.
+  conv_transpose_impl: the deconvolutions' kernel gradient (`transposed_conv.check_impl`; 'auto' = this backend's).
   """
   dtype: Any = jnp.float32
   bn_group_size: int = 0
   init: str = "torch"
+  conv_transpose_impl: str = "auto"
 
   def __post_init__(self):
     if self.init not in INITS:
@@ -88,7 +90,7 @@ class LayerOptions:
     else:
       kernel_init = nn.initializers.normal(0.001)
     return ConvTranspose(features, kernel, 2, ((lo, lo + out_pad),) * 2, kernel_init=kernel_init, dtype=self.dtype,
-                         param_dtype=jnp.float32, name=name)
+                         param_dtype=jnp.float32, impl=self.conv_transpose_impl, name=name)
 
   def bn(self, *, name: str) -> BatchNorm:
     """BatchNorm2d(eps 1e-5, torch momentum 0.1)."""

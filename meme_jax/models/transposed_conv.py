@@ -11,7 +11,7 @@ XLA runs well. (The same product for ordinary convolutions, whose taps are slice
 temporaries and made it slower.)
 
 `impl='auto'` uses that product on CPU and autodiff's convolution on GPU/TPU, where the library's kernel gradient
-is the fast path. Both give the same result to float rounding.
+is the fast path (`check_impl` with the compile target's platform, as `--mode compile` sets it). Both give the same result to float rounding.
 """
 import functools
 from typing import Any, Callable, Tuple
@@ -68,22 +68,29 @@ def _backward(stride, padding, residuals, g):
 _dilated_conv_matmul_grad.defvjp(_forward, _backward)
 
 
+def check_impl(impl: str, platform: str = "") -> str:
+  """The implementation to build with: `impl`, or for 'auto' the one for `platform` ('' = the backend this
+  process runs on; `--mode compile` gives the compile target's, so a TPU program gets autodiff's convolution)."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+  if impl == "auto":
+    return "matmul" if (platform or jax.default_backend()) == "cpu" else "conv"
+  return impl
+
+
 def conv_transpose(x, kernel, stride: int, padding: Padding, impl: str = "auto"):
   """`lax.conv_transpose(x, kernel, (stride, stride), padding, transpose_kernel=True)` of NHWC `x`.
 
   `kernel` has the layout (k, k, C_out, C_in), PyTorch's ConvTranspose2d weight after the converter's transpose.
   `padding` is the explicit ((low, high), (low, high)) padding of the dilated input.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+  impl = check_impl(impl)
   if kernel.ndim != 4 or kernel.shape[3] != x.shape[-1]:
     raise ValueError(f"transposed-convolution kernel must be (k, k, C_out, C_in={x.shape[-1]}), got {kernel.shape}")
   if any(p < 0 for pair in padding for p in pair):
     raise ValueError(f"padding {padding}: negative padding is not supported")
   # The transposed kernel: spatially flipped, input and output channels swapped (what transpose_kernel=True does).
   kernel = jnp.swapaxes(jnp.flip(kernel, (0, 1)), 2, 3)
-  if impl == "auto":
-    impl = "matmul" if jax.default_backend() == "cpu" else "conv"
   if impl == "conv":
     return _dilated_conv(x, kernel, stride, padding)
   return _dilated_conv_matmul_grad(x, kernel, stride, padding)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meme_jax.models.transposed_conv import ConvTranspose, conv_transpose
+from meme_jax.models.transposed_conv import ConvTranspose, check_impl, conv_transpose
 
 
 # (kernel, PyTorch padding, output padding) of the original's deconvolutions, and an odd size and stride 3.
@@ -54,3 +54,9 @@ def test_rejects_bad_arguments():
     conv_transpose(x, jnp.zeros((4, 4, 2, 3)), 2, ((-1, 2), (2, 2)))
   with pytest.raises(ValueError, match="impl"):
     conv_transpose(x, jnp.zeros((4, 4, 2, 3)), 2, ((2, 2), (2, 2)), impl="fast")
+
+
+def test_auto_follows_the_compile_target():
+  assert check_impl("auto", "cpu") == "matmul"
+  assert check_impl("auto", "tpu") == "conv" and check_impl("auto", "gpu") == "conv"
+  assert check_impl("conv", "cpu") == "conv"

@@ -276,3 +276,10 @@ def test_shared_slots_are_reused_only_when_released():
   del held
   gc.collect()
   assert local.flags[0] == 0
+
+
+def test_pipeline_benchmark_names_a_bottom_up_config_it_cannot_measure():
+  from configs import dem_w32_coco
+  from data_pipelines import benchmark
+  with pytest.raises(ValueError, match="bottomup model: the input-pipeline benchmark measures the top-down"):
+    benchmark.measure_train_pipeline(dem_w32_coco.get_config("synthetic"), num_workers=0, num_samples=8)
