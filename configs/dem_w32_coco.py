@@ -19,10 +19,11 @@ Args (after ':'):
               factor, LR x0.1 for the last 6 epochs, one evaluation at the end (flip test), and
               `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU (AVX2 only,
               0.72 s a step at batch 8 in the benchmark, 0.87 s in the job) the budget ends training after 831
-              steps, the LR drop moved to epoch 22.6 (`train.fit_schedule_to_budget`): AP 0.290 (AP .5 0.76, AP .75
-              0.11, AR 0.35) on the 32 validation images in 847 s (69 s compile, 722 s training, 28 s evaluation),
-              in a new environment on a clean clone. On other days the same machine gave 932 steps and AP 0.334,
-              or 803 and AP 0.269 (with a 0.84 s step). With the tiny model's widths the same
+              steps, the LR drop moved to epoch 22.6 (`train.fit_schedule_to_budget`): AP 0.306 (AP .5 0.76, AP .75
+              0.16, AR 0.36) on the 32 validation images in 847 s (69 s compile, 722 s training, 28 s evaluation),
+              in a new environment on a clean clone (evaluated with MRM, then the default, 0.290). On other days
+              the same machine gave 932 steps and AP 0.334, or 803 and AP 0.269 (with MRM and a 0.84 s step).
+              With the tiny model's widths the same
               run scores AP 0.0665 (layer1 of one Bottleneck, all 1116 steps in 703 s) or 0.0026 (four, 496 steps).
               The codec's upper bound is 0.88. `python -m meme_jax.bottomup.benchmark --stages --checkpoint
               DIR/checkpoints/STEP --config configs/dem_w32_coco.py:synthetic` says where the rest is lost.

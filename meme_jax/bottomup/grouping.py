@@ -20,7 +20,7 @@ Steps (each threshold comes from `GroupingParams`, i.e. from `config.test`):
    D. hierarchical limb joints, along the kinematic chain (elbow <- shoulder, wrist <- elbow, knee <- hip, ...):
       predicted parent -> the parents already placed (greedy), the rest by predicted centre (greedy, `le_distance`).
 3. persons with any joint, scored by the mean joint score, capped to the `max_persons` best;
-4. Mutual Refine Machine (`mrm`, on by default), adjust (+0.5 +-0.25 toward the higher neighbour), refine (missing
+4. Mutual Refine Machine (`mrm`, off by default, as the original runs), adjust (+0.5 +-0.25 toward the higher neighbour), refine (missing
    joints from the tag-consistent heatmap maximum).
 
 Fixed here against the original code, each selectable where it changes the original's numbers
@@ -87,10 +87,11 @@ class GroupingParams:
   min_parent_offset: float = 1.0
   centerless_fallback: bool = False   # True lets centre-less persons (centre (0, 0)) take part, as the original
   dedupe_plateaus: bool = True        # keep one candidate per exactly-tied plateau inside an NMS window
-  # Mutual Refine Machine before adjust (the original implements it but never calls it). On by default: it raised
-  # COCO AP on the crowded synthetic benchmark (`python -m meme_jax.bottomup.benchmark --grouping_benchmark`)
-  # where offsets are more precise than unsure heatmap peaks, and costs a little where offsets are the noisier part.
-  mrm: bool = True
+  # Mutual Refine Machine before adjust (the original implements it but never calls it). Off by default: it raises
+  # COCO AP slightly on the crowded synthetic benchmark's noisy ideal maps (`python -m meme_jax.bottomup.benchmark
+  # --grouping_benchmark`), where offsets are more precise than unsure heatmap peaks, but it cost AP on every
+  # trained network measured (0.008-0.015 on the synthetic job's) and on the exact ideal maps (0.012).
+  mrm: bool = False
   mrm_threshold: float = 0.75         # a joint supports a neighbour when its score exceeds this and the neighbour's
   adjust: bool = True                 # +0.5 +-0.25 quarter-pixel shift toward the higher neighbour
   refine: bool = True                 # fill missing joints from the tag-consistent heatmap maximum

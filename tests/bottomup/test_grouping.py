@@ -83,9 +83,9 @@ def test_params_from_config_and_original():
   params = grouping.GroupingParams.from_config(config)
   assert params.le_distance == 35.0 and params.parent_distance == math.inf
   assert params.center_kernel(60, 140) == 3 and params.center_kernel(60, 142) == 9
-  assert grouping.GroupingParams().mrm and params.mrm          # on by default, and in the configs
-  config.test.mrm = False
-  assert not grouping.GroupingParams.from_config(config).mrm
+  assert not grouping.GroupingParams().mrm and not params.mrm  # off by default, and in the configs
+  config.test.mrm = True
+  assert grouping.GroupingParams.from_config(config).mrm
   original = grouping.GroupingParams.original()
   assert original.parent_distance == math.inf and original.centerless_fallback and not original.dedupe_plateaus
   assert original.max_persons == 0 and not original.mrm and not original.parent_center_check
