@@ -18,10 +18,10 @@ Args (after ':'):
               with milder augmentation at 3x the LR, the tags trained with the 'max' push loss at 10x the recipe's
               factor, LR x0.1 for the last 6 epochs, one evaluation at the end (flip test), and
               `train.time_budget_s` = 870 so that the whole run stays under 15 minutes. On a 2-core CPU (AVX2 only,
-              0.72 s a step at batch 8 in the benchmark, 0.87 s in the job) the budget ends training after 831
-              steps, the LR drop moved to epoch 22.6 (`train.fit_schedule_to_budget`): AP 0.306 (AP .5 0.76, AP .75
-              0.16, AR 0.36) on the 32 validation images in 847 s (69 s compile, 722 s training, 28 s evaluation),
-              in a new environment on a clean clone (evaluated with MRM, then the default, 0.290). On other days
+              0.72 s a step at batch 8 in the benchmark, 0.85 s in the job) the budget ends training after 862
+              steps, the LR drop moved to about epoch 23 (`train.fit_schedule_to_budget`): AP 0.344 (AP .5 0.80,
+              AP .75 0.24, AR 0.39) on the 32 validation images in 852 s (62 s compile, 728 s training, 35 s
+              evaluation), in a new environment on a clean clone; a slower run there, 831 steps, AP 0.306. On other days
               the same machine gave 932 steps and AP 0.334, or 803 and AP 0.269 (with MRM and a 0.84 s step).
               With the tiny model's widths the same
               run scores AP 0.0665 (layer1 of one Bottleneck, all 1116 steps in 703 s) or 0.0026 (four, 496 steps).
