@@ -20,8 +20,8 @@ Steps (each threshold comes from `GroupingParams`, i.e. from `config.test`):
    D. hierarchical limb joints, along the kinematic chain (elbow <- shoulder, wrist <- elbow, knee <- hip, ...):
       predicted parent -> the parents already placed (greedy), the rest by predicted centre (greedy, `le_distance`).
 3. persons with any joint, scored by the mean joint score, capped to the `max_persons` best;
-4. Mutual Refine Machine (`mrm`, off by default, as the original runs), adjust (+0.5 +-0.25 toward the higher neighbour), refine (missing
-   joints from the tag-consistent heatmap maximum).
+4. Mutual Refine Machine (`mrm`, off by default, as the original runs), adjust (+0.5 +-0.25 toward the higher
+   neighbour), refine (missing joints from the tag-consistent heatmap maximum).
 
 Fixed here against the original code, each selectable where it changes the original's numbers
 (`GroupingParams.original()` reproduces the original parser):

@@ -6,12 +6,13 @@ a window as large as the input (32x32 at the synthetic DEM job's shapes). XLA's 
 that: in the DEM synthetic train step (2 cores, batch 8, 128x128) the two deconvolutions' kernel gradients were
 the two longest operations, 170 ms of an 830 ms step. Each kernel tap's gradient is only the product of the
 input with one strided slice of the output gradient, so on CPU the k*k taps are computed as a single matrix
-product, (N*H*W, C_in) by (N*H*W, k*k*C_out), and the step takes 0.72 s. The input gradient is autodiff's, a strided convolution, which
-XLA runs well. (The same product for ordinary convolutions, whose taps are slices of the input, doubled the step's
-temporaries and made it slower.)
+product, (N*H*W, C_in) by (N*H*W, k*k*C_out), and the step takes 0.72 s. The input gradient is autodiff's, a
+strided convolution, which XLA runs well. (The same product for ordinary convolutions, whose taps are slices of
+the input, doubled the step's temporaries and made it slower.)
 
 `impl='auto'` uses that product on CPU and autodiff's convolution on GPU/TPU, where the library's kernel gradient
-is the fast path (`check_impl` with the compile target's platform, as `--mode compile` sets it). Both give the same result to float rounding.
+is the fast path (`check_impl` with the compile target's platform, as `--mode compile` sets it). Both give the
+same result to float rounding.
 """
 import functools
 from typing import Any, Callable, Tuple
